@@ -1,0 +1,52 @@
+# Airlock — every target bootstraps what it needs from nothing on a fresh Debian machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := bubblewrap postgresql
+
+.PHONY: demo test test-fast lint typecheck bench venv system-deps postgres clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## make demo: the whole system on the embedded default (SQLite and local folders)
+demo: $(STAMP)
+	$(BIN)/airlock demo
+
+## system packages the tests use (bubblewrap for the sandbox, PostgreSQL for the second backend)
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## a PostgreSQL answering on 127.0.0.1:5432 (started if none answers)
+postgres: system-deps
+	@scripts/ensure-postgres.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: system-deps postgres $(STAMP) lint typecheck
+	AIRLOCK_TEST_POSTGRES=required $(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow" -x
+
+bench: $(STAMP)
+	$(BIN)/python bench/dispatch.py
+
+clean:
+	rm -rf $(VENV) airlock-data .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,80 @@
+"""Gateway configuration: a TOML file (`--config` or AIRLOCK_CONFIG) overlaid by AIRLOCK_* variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "AIRLOCK_"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = Field(default=Path("airlock-data"), description="keys, SQLite file and local storage")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in data_dir if unset")
+    public_url: str = Field(default="http://127.0.0.1:8080", description="URL volunteers reach the gateway at")
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 8080
+    workers: int = Field(default=1, ge=1, description="server processes")
+    operator_token: str | None = Field(default=None, description="bearer token of the operator API")
+    open_registration: bool = False
+    issuer: str | None = Field(default=None, description="token issuer; public_url if unset")
+    access_token_ttl_s: int = Field(default=3600, ge=60)
+    lease_s: int = Field(default=600, ge=5, description="a lease not renewed by a heartbeat this long is lost")
+    heartbeat_interval_s: int = Field(default=60, ge=1)
+    daily_quota_per_core: int = Field(default=100, ge=1, description="BOINC's max jobs per day per core")
+    retry_after_s: int = Field(default=30, ge=1, description="what a host with no work is told to wait")
+    quarantine_retention_s: int = Field(default=3 * 86400, ge=0)
+    loop_interval_s: float = Field(default=1.0, gt=0, description="period of validator/assimilator loops")
+    background: bool = Field(default=True, description="run validator, assimilator and expiry in `serve`")
+    max_archive_unpacked: int = Field(default=4 * 2**30, description="cap on an output archive's contents")
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    # ---------------------------------------------------------------------------------------- derived
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'airlock.db').resolve()}"
+
+    @property
+    def token_issuer(self) -> str:
+        return self.issuer or self.public_url
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+
+def _coerce_env(name: str, raw: str) -> Any:
+    field = Settings.model_fields[name]
+    if field.annotation is bool or field.annotation == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return raw
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults < TOML file < AIRLOCK_* environment < explicit overrides (CLI flags)."""
+    values: dict[str, Any] = {}
+    path = config_file or (Path(os.environ["AIRLOCK_CONFIG"]) if os.environ.get("AIRLOCK_CONFIG") else None)
+    if path is not None:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+        values.update(doc.get("airlock", doc))
+    for name in Settings.model_fields:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        if env is not None:
+            values[name] = _coerce_env(name, env)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings.model_validate(values)

@@ -1,0 +1,1 @@
+"""Domain core: states, schemas, checksums and errors shared by every component."""

@@ -1,0 +1,84 @@
+"""Every state machine of Airlock, in one place.
+
+Each entity lists its states and, for each target state, the states it may be entered from.
+`airlock.db.transitions` applies a transition as one database transaction and refuses any other.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    VALIDATING = "validating"
+    ASSIMILATING = "assimilating"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TaskState(StrEnum):
+    READY = "ready"
+    LEASED = "leased"
+    REPORTED = "reported"
+    VALID = "valid"
+    INVALID = "invalid"
+    ERROR = "error"
+    LOST = "lost"
+    ABORTED = "aborted"
+
+
+class VolunteerState(StrEnum):
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+
+
+class FileState(StrEnum):
+    CACHED = "cached"  # an input in the content-addressed cache
+    QUARANTINED = "quarantined"  # an output uploaded by a volunteer, not yet validated
+    TRUSTED = "trusted"  # a validated output copied to trusted storage
+    DELETED = "deleted"  # a quarantine leftover removed by the janitor
+
+
+J, T, V, F = JobState, TaskState, VolunteerState, FileState
+
+# target state -> states it may be entered from
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    J.RUNNING: frozenset({J.QUEUED, J.VALIDATING}),
+    J.VALIDATING: frozenset({J.RUNNING}),
+    J.ASSIMILATING: frozenset({J.VALIDATING, J.RUNNING}),
+    J.DONE: frozenset({J.ASSIMILATING}),
+    J.FAILED: frozenset({J.QUEUED, J.RUNNING, J.VALIDATING}),
+    J.CANCELLED: frozenset({J.QUEUED, J.RUNNING, J.VALIDATING}),
+}
+
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    T.LEASED: frozenset({T.READY}),
+    T.REPORTED: frozenset({T.LEASED}),
+    T.VALID: frozenset({T.REPORTED}),
+    T.INVALID: frozenset({T.REPORTED, T.VALID}),
+    T.ERROR: frozenset({T.REPORTED}),
+    T.LOST: frozenset({T.LEASED}),
+    T.ABORTED: frozenset({T.READY, T.LEASED, T.REPORTED}),
+}
+
+VOLUNTEER_TRANSITIONS: dict[VolunteerState, frozenset[VolunteerState]] = {
+    V.BLOCKED: frozenset({V.ACTIVE}),
+    V.ACTIVE: frozenset({V.BLOCKED}),
+}
+
+FILE_TRANSITIONS: dict[FileState, frozenset[FileState]] = {
+    F.DELETED: frozenset({F.QUARANTINED}),
+}
+
+JOB_FINAL = frozenset({J.DONE, J.FAILED, J.CANCELLED})
+TASK_FINAL = frozenset({T.VALID, T.INVALID, T.ERROR, T.LOST, T.ABORTED})
+# tasks that still count towards a job's replication (running or able to agree)
+TASK_LIVE = frozenset({T.READY, T.LEASED, T.REPORTED, T.VALID})
+
+
+def sources(machine: dict[StrEnum, frozenset[StrEnum]], target: StrEnum) -> frozenset[StrEnum]:
+    """The states from which `target` may be entered; empty if it is never a target."""
+    return machine.get(target, frozenset())

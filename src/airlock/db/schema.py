@@ -1,0 +1,211 @@
+"""The tables. SQLAlchemy Core (not the ORM): the hot paths are a handful of statements each."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    DateTime,
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC on every backend, returned timezone-aware, so SQLite and PostgreSQL agree."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use airlock.db.engine.utcnow()")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Id = Integer  # SQLite needs INTEGER PRIMARY KEY for rowid aliasing; PostgreSQL gets SERIAL.
+
+volunteers = Table(
+    "volunteers",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("email", String(254)),
+    Column("password_hash", String(256), nullable=False),
+    Column("authenticator", String(64), nullable=False, unique=True),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("blocked_at", UTCDateTime()),
+)
+
+hosts = Table(
+    "hosts",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("volunteer_id", ForeignKey("volunteers.id"), nullable=False, index=True),
+    Column("name", String(128)),
+    Column("platform", String(64), nullable=False),
+    Column("cores", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("disk_mb", Integer, nullable=False),
+    Column("upload_rate", Float),  # bytes/s, measured by the bridge
+    Column("n_valid", Integer, nullable=False, server_default="0"),
+    Column("n_invalid", Integer, nullable=False, server_default="0"),
+    Column("n_error", Integer, nullable=False, server_default="0"),
+    Column("n_lost", Integer, nullable=False, server_default="0"),
+    Column("daily_quota", Integer, nullable=False),  # per core, BOINC's max_jobs_per_day
+    Column("quota_day", String(10)),  # UTC date the counter below belongs to
+    Column("dispatched_today", Integer, nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime()),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("owner", String(200)),
+    Column("upstream", String(32), nullable=False),
+    Column("upstream_ref", String(200)),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("batch_id", ForeignKey("batches.id"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("app", String(64)),
+    Column("spec", JSON, nullable=False),  # the JobSpec as submitted
+    Column("cores", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("disk_mb", Integer, nullable=False),
+    Column("copies", Integer, nullable=False),
+    Column("quorum", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("deadline_s", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),  # tasks created so far
+    Column("state", String(16), nullable=False),
+    Column("canonical_task_id", Integer),
+    Column("reason", Text),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime()),
+    UniqueConstraint("batch_id", "name", name="uq_jobs_batch_name"),
+)
+Index("ix_jobs_state", jobs.c.state)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("state", String(16), nullable=False),
+    Column("volunteer_id", ForeignKey("volunteers.id")),
+    Column("host_id", ForeignKey("hosts.id")),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("leased_at", UTCDateTime()),
+    Column("lease_expires_at", UTCDateTime()),
+    Column("deadline", UTCDateTime()),
+    Column("reported_at", UTCDateTime()),
+    Column("exit_code", Integer),
+    Column("cpu_time_s", Float),
+    Column("wall_time_s", Float),
+    Column("stderr_tail", Text),
+    Column("agreement", String(64)),  # app comparator's fingerprint of the outputs
+    Column("verdict", Text),  # why the validator decided what it did
+    Column("validated_at", UTCDateTime()),
+)
+Index("ix_tasks_state", tasks.c.state, tasks.c.id)
+Index("ix_tasks_lease", tasks.c.state, tasks.c.lease_expires_at)
+Index("ix_tasks_host", tasks.c.host_id)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("kind", String(8), nullable=False),  # input | output | trusted
+    Column("state", String(16), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("adler32", String(8), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("location", String(1024), nullable=False),  # storage key
+    Column("job_id", ForeignKey("jobs.id")),
+    Column("task_id", ForeignKey("tasks.id")),
+    Column("volunteer_id", ForeignKey("volunteers.id")),
+    Column("host_id", ForeignKey("hosts.id")),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+Index("uq_files_input_sha256", files.c.sha256, unique=True,
+      sqlite_where=text("kind = 'input'"), postgresql_where=text("kind = 'input'"))
+Index("uq_files_output_task_name", files.c.task_id, files.c.name, unique=True,
+      sqlite_where=text("kind = 'output'"), postgresql_where=text("kind = 'output'"))
+Index("uq_files_trusted_job_name", files.c.job_id, files.c.name, unique=True,
+      sqlite_where=text("kind = 'trusted'"), postgresql_where=text("kind = 'trusted'"))
+Index("ix_files_state", files.c.kind, files.c.state)
+
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("jti", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # access | upload | x509
+    Column("volunteer_id", ForeignKey("volunteers.id"), nullable=False, index=True),
+    Column("task_id", Integer),
+    Column("scope", Text, nullable=False),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("revoked", Boolean, nullable=False, server_default=text("false")),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("actor", String(96), nullable=False),  # operator | volunteer:<id> | host:<id> | system:<loop>
+    Column("action", String(64), nullable=False),
+    Column("object_type", String(16), nullable=False),
+    Column("object_id", Integer, nullable=False),
+    Column("detail", JSON),
+)
+Index("ix_events_object", events.c.object_type, events.c.object_id)
+
+# Background work that must survive a crash: the assimilator claims jobs through this table's lease.
+claims = Table(
+    "claims",
+    metadata,
+    Column("name", String(64), primary_key=True),  # e.g. assimilate:<job id>
+    Column("owner", String(96), nullable=False),
+    Column("until", UTCDateTime(), nullable=False),
+)

@@ -1,0 +1,67 @@
+"""The storage interface. Keys are relative POSIX paths such as `trusted/12/34/events.root`.
+
+Writes are create-only and atomic: a reader sees a whole, verified file under its key or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from airlock.core.checksums import Digest
+
+
+class StorageError(Exception):
+    pass
+
+
+class AlreadyExists(StorageError):
+    pass
+
+
+class DigestMismatch(StorageError):
+    pass
+
+
+class Pending(Protocol):
+    digest: Digest
+
+    def publish(self) -> None:
+        """Make the file visible under its key; AlreadyExists if another upload won the race."""
+        ...
+
+    def discard(self) -> None: ...
+
+
+class Storage(Protocol):
+    name: str
+
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> Pending:
+        """Stream bytes towards a new file at `key` (never overwrites) and return it unpublished.
+        Raises AlreadyExists, or `airlock.core.errors.TooLarge` past max_size; on any failure nothing
+        is left under `key`."""
+        ...
+
+    def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
+        """Copy a local file to `key`, verifying `expected`. Idempotent: if `key` already holds a file
+        with the same digest, does nothing; a different one raises AlreadyExists."""
+        ...
+
+    def stat(self, key: str) -> Digest | None:
+        """Size and checksums of the file at `key` (computed or asked of the server), None if absent."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def open_read(self, key: str) -> BinaryIO: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A path on this machine for tools that need one (the validator), or None for remote stores."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Remove `key` (and empty parents); False if it was not there."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]: ...

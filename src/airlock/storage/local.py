@@ -1,0 +1,161 @@
+"""Local-folder storage, the embedded default."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file
+from airlock.core.errors import TooLarge
+from airlock.storage.base import AlreadyExists, DigestMismatch, StorageError
+
+PARTIAL = ".partial-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PendingFile:
+    """A received file under its temporary name: `publish()` it once verified, else `discard()` it."""
+
+    def __init__(self, storage: LocalStorage, tmp: Path, final: Path, digest: Digest) -> None:
+        self._storage, self._tmp, self._final, self.digest = storage, tmp, final, digest
+
+    def publish(self) -> None:
+        self._storage._publish(self._tmp, self._final)
+
+    def discard(self) -> None:
+        self._tmp.unlink(missing_ok=True)
+
+
+class LocalStorage:
+    """Files under one root folder; a partial write lives under a hidden temporary name and is linked
+    to its key only once complete and verified (link(2) fails if the key exists: create-only)."""
+
+    name = "local"
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+
+    def path(self, key: str) -> Path:
+        pure = PurePosixPath(key)
+        if pure.is_absolute() or any(part in {"", ".", ".."} for part in pure.parts) or not pure.parts:
+            raise StorageError(f"invalid storage key {key!r}")
+        return self.root.joinpath(*pure.parts)
+
+    def _temp_for(self, final: Path) -> Path:
+        return final.with_name(f".{final.name}{PARTIAL}{uuid.uuid4().hex}")
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        try:
+            os.link(tmp, final)
+        except FileExistsError as exc:
+            raise AlreadyExists(f"{final.name} already exists") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_dir(final.parent)
+
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> PendingFile:
+        final = self.path(key)
+        if final.exists():
+            raise AlreadyExists(f"{final.name} already exists")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temp_for(final)
+        digest = StreamingDigest()
+        try:
+            with tmp.open("xb") as fh:
+                async for chunk in chunks:
+                    if digest.size + len(chunk) > max_size:
+                        raise TooLarge(f"upload exceeds the declared maximum of {max_size} bytes")
+                    digest.update(chunk)
+                    fh.write(chunk)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return PendingFile(self, tmp, final, digest.digest())
+
+    def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
+        final = self.path(key)
+        if final.exists():
+            have = digest_file(final)
+            if have == expected:
+                return have
+            raise AlreadyExists(f"{key} exists with different content")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temp_for(final)
+        digest = StreamingDigest()
+        try:
+            with src.open("rb") as fin, tmp.open("xb") as fout:
+                while chunk := fin.read(CHUNK):
+                    digest.update(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                if self.fsync:
+                    os.fsync(fout.fileno())
+            got = digest.digest()
+            if got != expected:
+                raise DigestMismatch(f"{src} does not match its recorded checksums")
+            try:
+                self._publish(tmp, final)
+            except AlreadyExists:
+                if digest_file(final) != expected:
+                    raise
+            return got
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def stat(self, key: str) -> Digest | None:
+        p = self.path(key)
+        return digest_file(p) if p.is_file() else None
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def open_read(self, key: str) -> BinaryIO:
+        return self.path(key).open("rb")
+
+    def local_path(self, key: str) -> Path | None:
+        return self.path(key)
+
+    def delete(self, key: str) -> bool:
+        p = self.path(key)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        parent = p.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+        return True
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root if not prefix else self.path(prefix)
+        if not base.exists():
+            return
+        for dirpath, _dirs, names in os.walk(base):
+            for n in sorted(names):
+                if PARTIAL in n:
+                    continue
+                yield Path(dirpath, n).relative_to(self.root).as_posix()
+
+    def remove_tree(self, prefix: str) -> None:
+        shutil.rmtree(self.path(prefix), ignore_errors=True)
