@@ -17,7 +17,9 @@ class Settings(BaseModel):
 
     data_dir: Path = Field(default=Path("airlock-data"), description="keys, SQLite file and local storage")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in data_dir if unset")
-    public_url: str = Field(default="http://127.0.0.1:8080", description="URL volunteers reach the gateway at")
+    public_url: str = Field(
+        default="http://127.0.0.1:8080", description="URL volunteers reach the gateway at"
+    )
     bind_host: str = "127.0.0.1"
     bind_port: int = 8080
     workers: int = Field(default=1, ge=1, description="server processes")
@@ -25,7 +27,9 @@ class Settings(BaseModel):
     open_registration: bool = False
     issuer: str | None = Field(default=None, description="token issuer; public_url if unset")
     access_token_ttl_s: int = Field(default=3600, ge=60)
-    lease_s: int = Field(default=600, ge=5, description="a lease not renewed by a heartbeat this long is lost")
+    lease_s: int = Field(
+        default=600, ge=5, description="a lease not renewed by a heartbeat this long is lost"
+    )
     heartbeat_interval_s: int = Field(default=60, ge=1)
     daily_quota_per_core: int = Field(default=100, ge=1, description="BOINC's max jobs per day per core")
     retry_after_s: int = Field(default=30, ge=1, description="what a host with no work is told to wait")

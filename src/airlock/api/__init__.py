@@ -1,1 +1,1 @@
-"""api"""
+"""The HTTP layer: thin routers over the components' plain functions."""

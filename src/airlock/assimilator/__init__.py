@@ -1,1 +1,1 @@
-"""assimilator"""
+"""The assimilator: valid outputs from quarantine to trusted storage, exactly once in effect."""

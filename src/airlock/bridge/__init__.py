@@ -1,1 +1,1 @@
-"""bridge"""
+"""The data bridge: volunteers' upload-only quarantine."""

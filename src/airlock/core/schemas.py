@@ -17,7 +17,17 @@ FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?i?[bB]?)\s*$")
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(value: int | str) -> int:
@@ -98,7 +108,9 @@ class Resources(Strict):
     cores: int = Field(default=1, ge=1, le=256)
     memory_mb: int = Field(default=512, ge=16)
     disk_mb: int = Field(default=256, ge=1)
-    runtime_s: int = Field(default=3600, ge=1, description="estimated runtime; the sandbox's time limit is 4x this")
+    runtime_s: int = Field(
+        default=3600, ge=1, description="estimated runtime; the sandbox's time limit is 4x this"
+    )
 
 
 class JobSpec(Strict):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
-    DateTime,
     JSON,
     BigInteger,
     Boolean,
     Column,
+    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Stored as naive UTC on every backend, returned timezone-aware, so SQLite and PostgreSQL agree."""
@@ -141,6 +142,7 @@ tasks = Table(
     Column("cpu_time_s", Float),
     Column("wall_time_s", Float),
     Column("stderr_tail", Text),
+    Column("reported_outputs", JSON),  # [{name, size, adler32, sha256}] as the volunteer declared them
     Column("agreement", String(64)),  # app comparator's fingerprint of the outputs
     Column("verdict", Text),  # why the validator decided what it did
     Column("validated_at", UTCDateTime()),
@@ -166,12 +168,29 @@ files = Table(
     Column("host_id", ForeignKey("hosts.id")),
     Column("created_at", UTCDateTime(), nullable=False),
 )
-Index("uq_files_input_sha256", files.c.sha256, unique=True,
-      sqlite_where=text("kind = 'input'"), postgresql_where=text("kind = 'input'"))
-Index("uq_files_output_task_name", files.c.task_id, files.c.name, unique=True,
-      sqlite_where=text("kind = 'output'"), postgresql_where=text("kind = 'output'"))
-Index("uq_files_trusted_job_name", files.c.job_id, files.c.name, unique=True,
-      sqlite_where=text("kind = 'trusted'"), postgresql_where=text("kind = 'trusted'"))
+Index(
+    "uq_files_input_sha256",
+    files.c.sha256,
+    unique=True,
+    sqlite_where=text("kind = 'input'"),
+    postgresql_where=text("kind = 'input'"),
+)
+Index(
+    "uq_files_output_task_name",
+    files.c.task_id,
+    files.c.name,
+    unique=True,
+    sqlite_where=text("kind = 'output'"),
+    postgresql_where=text("kind = 'output'"),
+)
+Index(
+    "uq_files_trusted_job_name",
+    files.c.job_id,
+    files.c.name,
+    unique=True,
+    sqlite_where=text("kind = 'trusted'"),
+    postgresql_where=text("kind = 'trusted'"),
+)
 Index("ix_files_state", files.c.kind, files.c.state)
 
 credentials = Table(
@@ -200,12 +219,3 @@ events = Table(
     Column("detail", JSON),
 )
 Index("ix_events_object", events.c.object_type, events.c.object_id)
-
-# Background work that must survive a crash: the assimilator claims jobs through this table's lease.
-claims = Table(
-    "claims",
-    metadata,
-    Column("name", String(64), primary_key=True),  # e.g. assimilate:<job id>
-    Column("owner", String(96), nullable=False),
-    Column("until", UTCDateTime(), nullable=False),
-)

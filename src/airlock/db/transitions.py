@@ -39,7 +39,11 @@ def record_event(
 ) -> None:
     conn.execute(
         insert(schema.events).values(
-            at=utcnow(), actor=actor, action=action, object_type=object_type, object_id=object_id,
+            at=utcnow(),
+            actor=actor,
+            action=action,
+            object_type=object_type,
+            object_id=object_id,
             detail=detail,
         )
     )
@@ -82,4 +86,6 @@ def transition(
 def require_transition(conn: Connection, target: StrEnum, object_id: int, actor: str, **kw: Any) -> None:
     if not transition(conn, target, object_id, actor, **kw):
         entity = _ENTITY[type(target)]
-        raise IllegalTransition(f"{entity} {object_id} cannot move to {target.value!r} from its current state")
+        raise IllegalTransition(
+            f"{entity} {object_id} cannot move to {target.value!r} from its current state"
+        )

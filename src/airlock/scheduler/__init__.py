@@ -1,1 +1,1 @@
-"""scheduler"""
+"""The scheduler: matches tasks to hosts, leases them with deadlines, replicates and reissues."""

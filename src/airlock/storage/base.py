@@ -27,8 +27,9 @@ class DigestMismatch(StorageError):
 class Pending(Protocol):
     digest: Digest
 
-    def publish(self) -> None:
-        """Make the file visible under its key; AlreadyExists if another upload won the race."""
+    def publish(self, key: str | None = None) -> None:
+        """Make the file visible under its key (or `key`, for content-addressed names known only after
+        hashing); AlreadyExists if that key is taken."""
         ...
 
     def discard(self) -> None: ...

@@ -30,8 +30,10 @@ class PendingFile:
     def __init__(self, storage: LocalStorage, tmp: Path, final: Path, digest: Digest) -> None:
         self._storage, self._tmp, self._final, self.digest = storage, tmp, final, digest
 
-    def publish(self) -> None:
-        self._storage._publish(self._tmp, self._final)
+    def publish(self, key: str | None = None) -> None:
+        final = self._final if key is None else self._storage.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._storage._publish(self._tmp, final)
 
     def discard(self) -> None:
         self._tmp.unlink(missing_ok=True)

@@ -1,1 +1,1 @@
-"""validator"""
+"""The validator: integrity, exit code, outputs, archive safety, app checks and quorum."""

@@ -1,0 +1,59 @@
+"""Request dependencies: the gateway, the operator and volunteer identities."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from airlock.context import Gateway
+from airlock.core.errors import Unauthorized
+from airlock.credentials.tokens import Claims, require_compute
+
+bearer = HTTPBearer(auto_error=False, description="operator token or volunteer access token")
+
+
+def gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _token(creds: HTTPAuthorizationCredentials | None) -> str:
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise Unauthorized("missing bearer token (Authorization: Bearer ...)")
+    return creds.credentials
+
+
+def operator(gw: GatewayDep, creds: Credentials) -> str:
+    token = _token(creds)
+    if not hmac.compare_digest(token.encode(), gw.operator_token.encode()):
+        raise Unauthorized("this endpoint needs the operator token")
+    return "operator"
+
+
+def volunteer(gw: GatewayDep, creds: Credentials) -> Claims:
+    """A volunteer access token with the compute scopes. (Whether the volunteer is still active is
+    checked inside each operation's own transaction.)"""
+    claims = gw.issuer.verify(_token(creds))
+    require_compute(claims)
+    return claims
+
+
+def volunteer_or_operator(gw: GatewayDep, creds: Credentials) -> Claims | str:
+    token = _token(creds)
+    if hmac.compare_digest(token.encode(), gw.operator_token.encode()):
+        return "operator"
+    claims = gw.issuer.verify(token)
+    require_compute(claims)
+    return claims
+
+
+Operator = Annotated[str, Depends(operator)]
+Volunteer = Annotated[Claims, Depends(volunteer)]
+Reader = Annotated[Claims | str, Depends(volunteer_or_operator)]

@@ -1,0 +1,51 @@
+"""Run the gateway on uvicorn (uvloop + httptools when installed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+from fastapi import FastAPI
+
+from airlock.api.app import create_app
+from airlock.config import Settings, load_settings
+from airlock.context import Gateway
+from airlock.db.migrate import upgrade
+from airlock.service import BackgroundLoops
+
+WORKER_ENV = "AIRLOCK_SERVER_WORKER"
+
+
+def create_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes (settings come from the environment)."""
+    settings = load_settings()
+    return create_app(Gateway.open(settings), background=False)
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    gw = Gateway.open(settings)
+    upgrade(gw.engine)
+    common = {
+        "host": settings.bind_host,
+        "port": settings.bind_port,
+        "log_level": log_level,
+        "access_log": log_level == "debug",
+        "timeout_keep_alive": 30,
+        "backlog": 4096,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(gw), **common)  # type: ignore[arg-type]
+        return
+    # Several HTTP processes; the background loops run once, in this supervising process.
+    for name, value in settings.model_dump(exclude_none=True).items():
+        os.environ[f"AIRLOCK_{name.upper()}"] = str(value)
+    loops = BackgroundLoops(gw) if settings.background else None
+    if loops:
+        loops.start()
+    try:
+        uvicorn.run("airlock.api.server:create_from_env", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+    finally:
+        if loops:
+            loops.stop()
+        logging.getLogger("airlock").info("gateway stopped")

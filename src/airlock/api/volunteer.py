@@ -1,0 +1,93 @@
+"""Volunteer endpoints: register, log in, register a host, request work, heartbeat, report."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter, status
+from fastapi.responses import FileResponse
+
+from airlock.api.deps import GatewayDep, Reader, Volunteer
+from airlock.core.errors import Forbidden, NotFound
+from airlock.core.schemas import (
+    Heartbeat,
+    HeartbeatReply,
+    HostRegistered,
+    HostRegistration,
+    Login,
+    ReportAccepted,
+    TaskReport,
+    TokenResponse,
+    VolunteerRegistration,
+    VolunteerView,
+    WorkReply,
+    WorkRequest,
+)
+from airlock.credentials import accounts
+from airlock.credentials.accounts import require_active
+from airlock.credentials.tokens import Claims
+from airlock.generator.inputs import input_key, lookup_input
+from airlock.scheduler.dispatch import register_host, request_work
+from airlock.scheduler.leases import heartbeat
+from airlock.scheduler.report import report_task
+
+router = APIRouter(prefix="/api/v1", tags=["volunteer"])
+
+
+@router.post("/volunteers/register", status_code=status.HTTP_201_CREATED)
+def register(gw: GatewayDep, body: VolunteerRegistration) -> VolunteerView:
+    """Open registration (when the operator turned it on)."""
+    if not gw.settings.open_registration:
+        raise Forbidden("registration is closed on this gateway; ask the operator for an account")
+    with gw.engine.begin() as conn:
+        return accounts.register_volunteer(
+            conn, body.name, body.password, body.email, actor="self-registration"
+        )
+
+
+@router.post("/auth/token")
+def token(gw: GatewayDep, body: Login) -> TokenResponse:
+    """Exchange a user name and password for a short-lived access token (WLCG JWT, compute scopes)."""
+    ttl = timedelta(seconds=gw.settings.access_token_ttl_s)
+    with gw.engine.begin() as conn:
+        issued = accounts.login(conn, gw.issuer, body.username, body.password, ttl)
+    return TokenResponse(access_token=issued.token, expires_in=int(ttl.total_seconds()), scope=issued.scope)
+
+
+@router.post("/hosts", status_code=status.HTTP_201_CREATED)
+def hosts(gw: GatewayDep, who: Volunteer, body: HostRegistration) -> HostRegistered:
+    with gw.engine.begin() as conn:
+        return register_host(conn, gw.settings, who.volunteer_id, body)
+
+
+@router.post("/work")
+def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
+    with gw.engine.begin() as conn:
+        return request_work(conn, gw.settings, gw.issuer, who.volunteer_id, body)
+
+
+@router.post("/tasks/{task_id}/heartbeat")
+def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: int, body: Heartbeat) -> HeartbeatReply:
+    with gw.engine.begin() as conn:
+        return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id)
+
+
+@router.post("/tasks/{task_id}/report")
+def task_report(gw: GatewayDep, who: Volunteer, task_id: int, body: TaskReport) -> ReportAccepted:
+    with gw.engine.begin() as conn:
+        return report_task(conn, who.volunteer_id, task_id, body)
+
+
+@router.get("/inputs/{sha256}", response_class=FileResponse)
+def get_input(gw: GatewayDep, who: Reader, sha256: str) -> FileResponse:
+    """An input file from the content-addressed cache (inputs are not secret; they still need a token)."""
+    with gw.engine.begin() as conn:
+        if isinstance(who, Claims):
+            require_active(conn, who.volunteer_id)
+        digest = lookup_input(conn, sha256)
+    path = gw.inputs.local_path(input_key(digest.sha256))
+    if path is None or not path.is_file():
+        raise NotFound(f"input {sha256} is registered but missing from storage")
+    return FileResponse(
+        path, media_type="application/octet-stream", headers={"Digest": f"adler32={digest.adler32}"}
+    )

@@ -1,0 +1,49 @@
+"""The janitor: removes quarantine leftovers once nothing can need them.
+
+A quarantined file goes when its task ended badly (invalid, error, lost, aborted) or its job is final,
+and it is older than the retention period (so an operator can inspect rejected output for a while).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import Engine, or_, select
+
+from airlock.config import Settings
+from airlock.core.states import JOB_FINAL, FileState, TaskState
+from airlock.db import schema
+from airlock.db.engine import utcnow
+from airlock.db.transitions import transition
+from airlock.storage.base import Storage
+
+log = logging.getLogger("airlock.janitor")
+ACTOR = "system:janitor"
+_BAD = [TaskState.INVALID.value, TaskState.ERROR.value, TaskState.LOST.value, TaskState.ABORTED.value]
+
+
+def sweep_quarantine(engine: Engine, quarantine: Storage, settings: Settings, *, limit: int = 1000) -> int:
+    f, t, j = schema.files, schema.tasks, schema.jobs
+    cutoff = utcnow() - timedelta(seconds=settings.quarantine_retention_s)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(f.c.id, f.c.location)
+            .join(t, t.c.id == f.c.task_id)
+            .join(j, j.c.id == t.c.job_id)
+            .where(
+                f.c.kind == "output",
+                f.c.state == FileState.QUARANTINED.value,
+                f.c.created_at <= cutoff,
+                or_(t.c.state.in_(_BAD), j.c.state.in_([s.value for s in JOB_FINAL])),
+            )
+            .limit(limit)
+        ).all()
+        conn.rollback()
+    for fid, location in rows:
+        quarantine.delete(location)
+        with engine.begin() as conn:
+            transition(conn, FileState.DELETED, fid, ACTOR, detail={"reason": "retention over"})
+    if rows:
+        log.info("janitor removed %d quarantined files", len(rows))
+    return len(rows)

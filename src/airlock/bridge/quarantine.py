@@ -1,0 +1,216 @@
+"""The embedded data bridge: upload-only, checksummed, immutable, per-task paths.
+
+A volunteer's upload token carries `storage.create:/quarantine/<volunteer>/<task>`; with it the volunteer
+may create the job's declared output names under that path, once each, up to their declared sizes. There
+is no way to read, list, overwrite or delete. Bytes stream to disk under a hidden temporary name while
+adler32 and sha256 are computed; only a complete upload matching its declared digests is published.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from airlock.core.checksums import Digest, parse_digest_header
+from airlock.core.errors import BadInput, Conflict, Forbidden, Gone, NotFound, TooLarge, Unauthorized
+from airlock.core.schemas import UploadAccepted, check_file_name
+from airlock.core.states import FileState
+from airlock.credentials.accounts import require_active
+from airlock.credentials.tokens import Claims, allows_create, quarantine_path
+from airlock.db import schema
+from airlock.db.engine import utcnow
+from airlock.db.transitions import record_event
+from airlock.scheduler.leases import lease_is_live
+from airlock.storage.base import AlreadyExists, Storage
+
+
+class ChecksumMismatch(BadInput):
+    status = 422
+    code = "checksum_mismatch"
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    volunteer_id: int
+    task_id: int
+    name: str
+    job_id: int
+    host_id: int
+    max_size: int
+
+    @property
+    def key(self) -> str:
+        return f"quarantine/{self.volunteer_id}/{self.task_id}/{self.name}"
+
+
+def output_key(volunteer_id: int, task_id: int, name: str) -> str:
+    return f"quarantine/{volunteer_id}/{task_id}/{name}"
+
+
+def authorise_upload(
+    conn: Connection, claims: Claims, volunteer_id: int, task_id: int, name: str
+) -> UploadTarget:
+    """Everything that must hold before a byte is accepted."""
+    try:
+        check_file_name(name)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    path = f"{quarantine_path(volunteer_id, task_id)}/{name}"
+    if claims.volunteer_id != volunteer_id or not allows_create(claims, path):
+        raise Forbidden(f"this token does not allow creating {path}")
+    require_active(conn, volunteer_id)
+    t, j = schema.tasks, schema.jobs
+    row = conn.execute(
+        select(
+            t.c.state, t.c.volunteer_id, t.c.host_id, t.c.lease_expires_at, t.c.deadline, t.c.job_id, j.c.spec
+        )
+        .join(j, j.c.id == t.c.job_id)
+        .where(t.c.id == task_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no task {task_id}")
+    if row.volunteer_id != volunteer_id:
+        raise Forbidden(f"task {task_id} is not assigned to you")
+    if not lease_is_live(row, utcnow()):
+        raise Gone(f"task {task_id} is not leased to you any more ({row.state}); uploads are closed")
+    declared = {o["name"]: int(o["max_size"]) for o in row.spec["outputs"]}
+    if name not in declared:
+        raise Forbidden(f"{name!r} is not an output of this job (declared: {sorted(declared)})")
+    return UploadTarget(volunteer_id, task_id, name, row.job_id, row.host_id, declared[name])
+
+
+def _record(conn: Connection, target: UploadTarget, digest: Digest, rate: float | None) -> bool:
+    """Insert the quarantined file's row; False if this exact file was recorded before (a retry)."""
+    f = schema.files
+    try:
+        with conn.begin_nested():
+            fid = conn.execute(
+                insert(f)
+                .values(
+                    kind="output",
+                    state=FileState.QUARANTINED.value,
+                    name=target.name,
+                    size=digest.size,
+                    adler32=digest.adler32,
+                    sha256=digest.sha256,
+                    location=target.key,
+                    job_id=target.job_id,
+                    task_id=target.task_id,
+                    volunteer_id=target.volunteer_id,
+                    host_id=target.host_id,
+                    created_at=utcnow(),
+                )
+                .returning(f.c.id)
+            ).scalar_one()
+    except IntegrityError:
+        return False
+    if rate is not None:
+        conn.execute(update(schema.hosts).where(schema.hosts.c.id == target.host_id).values(upload_rate=rate))
+    record_event(
+        conn,
+        f"host:{target.host_id}",
+        "file.uploaded",
+        "file",
+        fid,
+        {
+            "task_id": target.task_id,
+            "name": target.name,
+            "size": digest.size,
+            "adler32": digest.adler32,
+            "sha256": digest.sha256,
+        },
+    )
+    return True
+
+
+def _existing(conn: Connection, target: UploadTarget) -> Any:
+    f = schema.files
+    return conn.execute(
+        select(f.c.size, f.c.sha256).where(
+            f.c.kind == "output", f.c.task_id == target.task_id, f.c.name == target.name
+        )
+    ).one_or_none()
+
+
+async def receive_upload(
+    engine: Engine,
+    quarantine: Storage,
+    claims: Claims | None,
+    volunteer_id: int,
+    task_id: int,
+    name: str,
+    headers: dict[str, str],
+    body: AsyncIterator[bytes],
+) -> tuple[UploadAccepted, bool]:
+    """Accept one output upload. Returns the receipt and whether it created the file (False: the same
+    bytes were uploaded before, a retried request)."""
+    if claims is None:
+        raise Unauthorized("an upload needs the task's upload token (Authorization: Bearer ...)")
+
+    def _authorise() -> UploadTarget:
+        with engine.begin() as conn:
+            return authorise_upload(conn, claims, volunteer_id, task_id, name)
+
+    target = await run_in_threadpool(_authorise)
+    declared = _declared_digest(headers)
+    length = headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise BadInput("an upload needs a Content-Length (chunked uploads are not accepted)")
+    if int(length) > target.max_size:
+        raise TooLarge(f"{name} may be at most {target.max_size} bytes; this upload is {length}")
+    started = time.monotonic()
+    pending = await quarantine.receive(target.key, body, max_size=target.max_size)
+    digest = pending.digest
+    if digest.size != int(length):
+        pending.discard()
+        raise BadInput(f"the body ended after {digest.size} of {length} bytes; nothing was stored")
+    if digest.adler32 != declared.get("adler32", digest.adler32) or digest.sha256 != declared["sha256"]:
+        pending.discard()
+        raise ChecksumMismatch(
+            f"{name}: received adler32 {digest.adler32}, sha-256 {digest.sha256[:16]}..., which differ from the "
+            "Digest header; nothing was stored"
+        )
+    elapsed = time.monotonic() - started
+    rate = digest.size / elapsed if elapsed > 0 and digest.size >= 65536 else None
+
+    def _publish() -> bool:
+        try:
+            pending.publish()
+        except AlreadyExists:
+            pending.discard()
+            # Either a retry of the same bytes (fine) or an attempt to overwrite (refused).
+            have = quarantine.stat(target.key)
+            if have is None or have.sha256 != digest.sha256 or have.size != digest.size:
+                raise Conflict(
+                    f"{name} was already uploaded for task {task_id}; files in quarantine are immutable"
+                ) from None
+            with engine.begin() as conn:
+                _record(conn, target, digest, rate)  # the row may be missing if a crash came in between
+            return False
+        with engine.begin() as conn:
+            return _record(conn, target, digest, rate)
+
+    created = await run_in_threadpool(_publish)
+    receipt = UploadAccepted(
+        path=f"/{target.key}", size=digest.size, adler32=digest.adler32, sha256=digest.sha256
+    )
+    return receipt, created
+
+
+def _declared_digest(headers: dict[str, str]) -> dict[str, str]:
+    raw = headers.get("digest")
+    if not raw:
+        raise BadInput("an upload needs a Digest header: 'Digest: adler32=<hex>,sha-256=<base64>'")
+    try:
+        declared = parse_digest_header(raw)
+    except ValueError as exc:
+        raise BadInput(f"malformed Digest header: {exc}") from exc
+    if "sha256" not in declared:
+        raise BadInput("the Digest header must give sha-256 (adler32 is checked too when given)")
+    return declared

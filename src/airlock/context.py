@@ -1,0 +1,73 @@
+"""The gateway's shared state: settings, database engine, token issuer and the storage areas."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from airlock.config import Settings
+from airlock.credentials.keys import generate_signing_key, load_signing_keys, write_private
+from airlock.credentials.tokens import TokenIssuer
+from airlock.db.engine import make_engine
+from airlock.storage.base import Storage
+from airlock.storage.local import LocalStorage
+
+OPERATOR_TOKEN_FILE = "operator.token"
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    engine: Engine
+    issuer: TokenIssuer
+    inputs: Storage
+    quarantine: Storage
+    trusted: Storage
+    operator_token: str
+
+    @classmethod
+    def open(cls, settings: Settings) -> Gateway:
+        keys = load_signing_keys(settings.keys_dir)
+        if not keys:
+            raise RuntimeError(f"no signing key in {settings.keys_dir}: run `airlock init` first")
+        local = LocalStorage(settings.storage_dir)
+        return cls(
+            settings=settings,
+            engine=make_engine(settings.db_url),
+            issuer=TokenIssuer(settings.token_issuer, keys),
+            inputs=local,
+            quarantine=local,
+            trusted=local,
+            operator_token=resolve_operator_token(settings),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def resolve_operator_token(settings: Settings) -> str:
+    if settings.operator_token:
+        return settings.operator_token
+    path = settings.keys_dir / OPERATOR_TOKEN_FILE
+    if not path.exists():
+        raise RuntimeError(f"no operator token: set AIRLOCK_OPERATOR_TOKEN or run `airlock init` ({path})")
+    return path.read_text().strip()
+
+
+def initialise(settings: Settings) -> list[Path]:
+    """Create the data folder, the signing key and an operator token (mode 0600). Idempotent."""
+    created: list[Path] = []
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not load_signing_keys(settings.keys_dir):
+        key = generate_signing_key(settings.keys_dir)
+        created.append(settings.keys_dir / f"token-{key.kid}.pem")
+    token_path = settings.keys_dir / OPERATOR_TOKEN_FILE
+    if settings.operator_token is None and not token_path.exists():
+        write_private(token_path, (secrets.token_urlsafe(32) + "\n").encode())
+        created.append(token_path)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    return created

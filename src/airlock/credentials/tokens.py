@@ -1,0 +1,149 @@
+"""The token issuer: WLCG Common JWT profile tokens (ES256) for volunteers.
+
+Two kinds: an access token (`compute.*` scopes: pull work, report its own tasks) and a per-task upload
+token (`storage.create:/quarantine/<volunteer>/<task>`). Storage that implements the WLCG profile enforces
+the upload token by itself; the embedded bridge enforces the same rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import jwt
+from sqlalchemy import Connection, insert
+
+from airlock.core.errors import Forbidden, Unauthorized
+from airlock.credentials.keys import SigningKey
+from airlock.db import schema
+
+WLCG_VERSION = "1.0"
+COMPUTE_SCOPES = ("compute.read", "compute.modify", "compute.create")
+ALGORITHM = "ES256"
+
+
+@dataclass(frozen=True)
+class Issued:
+    token: str
+    jti: str
+    scope: str
+    not_before: datetime
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class Claims:
+    volunteer_id: int
+    scopes: frozenset[str]
+    jti: str
+    expires: int
+    raw: dict[str, Any]
+
+
+def quarantine_path(volunteer_id: int, task_id: int) -> str:
+    return f"/quarantine/{volunteer_id}/{task_id}"
+
+
+class TokenIssuer:
+    def __init__(self, issuer: str, keys: list[SigningKey], audience: str | None = None) -> None:
+        if not keys:
+            raise ValueError("no token-signing key: run `airlock init` first")
+        self.issuer = issuer
+        self.audience = audience or issuer
+        self.keys = keys
+        self._by_kid = {k.kid: k.public for k in keys}
+
+    @property
+    def current(self) -> SigningKey:
+        return self.keys[0]
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [k.jwk() for k in self.keys]}
+
+    def issue(self, volunteer_id: int, scopes: list[str], now: datetime, ttl: timedelta) -> Issued:
+        jti = uuid.uuid4().hex
+        scope = " ".join(scopes)
+        iat = int(now.timestamp())
+        exp = int((now + ttl).timestamp())
+        claims = {
+            "wlcg.ver": WLCG_VERSION,
+            "iss": self.issuer,
+            "sub": str(volunteer_id),
+            "aud": self.audience,
+            "scope": scope,
+            "iat": iat,
+            "nbf": iat,
+            "exp": exp,
+            "jti": jti,
+        }
+        token = jwt.encode(
+            claims, self.current.private, algorithm=ALGORITHM, headers={"kid": self.current.kid}
+        )
+        return Issued(token, jti, scope, now, now + ttl)
+
+    def verify(self, token: str) -> Claims:
+        """Check signature, issuer, audience and lifetime; refuse anything but ES256 with a known kid."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"malformed token: {exc}") from exc
+        if header.get("alg") != ALGORITHM:
+            raise Unauthorized(f"token algorithm {header.get('alg')!r} is not accepted")
+        key = self._by_kid.get(str(header.get("kid")))
+        if key is None:
+            raise Unauthorized("token signed by an unknown key")
+        try:
+            raw = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("token has expired") from exc
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from exc
+        if raw.get("wlcg.ver") != WLCG_VERSION:
+            raise Unauthorized("not a WLCG-profile token")
+        try:
+            volunteer_id = int(raw["sub"])
+        except (TypeError, ValueError) as exc:
+            raise Unauthorized("token subject is not a volunteer") from exc
+        return Claims(volunteer_id, frozenset(str(raw.get("scope", "")).split()), raw["jti"], raw["exp"], raw)
+
+
+def require_compute(claims: Claims) -> None:
+    if not claims.scopes.issuperset(COMPUTE_SCOPES):
+        raise Forbidden("this token does not carry the compute scopes")
+
+
+def allows_create(claims: Claims, path: str) -> bool:
+    """WLCG `storage.create:<prefix>` grants creating `path` if it lies under the prefix."""
+    for scope in claims.scopes:
+        if not scope.startswith("storage.create:"):
+            continue
+        prefix = scope.removeprefix("storage.create:").rstrip("/")
+        if path == prefix or path.startswith(prefix + "/"):
+            return True
+    return False
+
+
+def record_credential(
+    conn: Connection, issued: Issued, kind: str, volunteer_id: int, task_id: int | None = None
+) -> None:
+    conn.execute(
+        insert(schema.credentials).values(
+            jti=issued.jti,
+            kind=kind,
+            volunteer_id=volunteer_id,
+            task_id=task_id,
+            scope=issued.scope,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+        )
+    )

@@ -1,0 +1,93 @@
+"""Leases: heartbeats keep a task's lease; the expiry loop turns overdue tasks into lost ones."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, or_, select, update
+
+from airlock.config import Settings
+from airlock.core.errors import Forbidden, Gone, NotFound
+from airlock.core.schemas import HeartbeatReply
+from airlock.core.states import TaskState
+from airlock.credentials.accounts import require_active
+from airlock.db import schema
+from airlock.db.engine import utcnow
+from airlock.db.transitions import transition
+from airlock.scheduler.quota import record_outcome
+from airlock.scheduler.replication import settle_job
+
+
+def own_task(conn: Connection, volunteer_id: int, host_id: int, task_id: int) -> Any:
+    """The task row if this volunteer's host holds it; Forbidden for anyone else's task."""
+    t = schema.tasks
+    task = conn.execute(select(t).where(t.c.id == task_id)).one_or_none()
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    if task.volunteer_id != volunteer_id:
+        raise Forbidden(f"task {task_id} is not assigned to you")
+    if task.host_id != host_id:
+        raise Forbidden(f"task {task_id} is assigned to another of your hosts")
+    return task
+
+
+def lease_is_live(task: Any, now: Any) -> bool:
+    return bool(task.state == TaskState.LEASED.value and task.lease_expires_at > now and task.deadline > now)
+
+
+def heartbeat(
+    conn: Connection, settings: Settings, volunteer_id: int, host_id: int, task_id: int
+) -> HeartbeatReply:
+    require_active(conn, volunteer_id)
+    task = own_task(conn, volunteer_id, host_id, task_id)
+    now = utcnow()
+    if task.state == TaskState.ABORTED.value:
+        return HeartbeatReply(lease_expires_at=now, abort=True)
+    if not lease_is_live(task, now):
+        raise Gone(f"task {task_id} is no longer leased to this host ({task.state}); drop it")
+    new_expiry = min(now + timedelta(seconds=settings.lease_s), task.deadline)
+    t = schema.tasks
+    conn.execute(update(t).where(t.c.id == task_id).values(lease_expires_at=new_expiry))
+    conn.execute(update(schema.hosts).where(schema.hosts.c.id == host_id).values(last_seen=now))
+    return HeartbeatReply(lease_expires_at=new_expiry, abort=False)
+
+
+def expire_leases(engine: Engine, settings: Settings, *, limit: int = 500) -> int:
+    """Mark overdue leased tasks lost (each in its own transaction) and let replication reissue them."""
+    t = schema.tasks
+    now = utcnow()
+    with engine.connect() as conn:
+        overdue = (
+            conn.execute(
+                select(t.c.id)
+                .where(
+                    t.c.state == TaskState.LEASED.value, or_(t.c.lease_expires_at <= now, t.c.deadline <= now)
+                )
+                .order_by(t.c.id)
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
+        conn.rollback()
+    n = 0
+    for task_id in overdue:
+        with engine.begin() as conn:
+            row = conn.execute(
+                select(t.c.job_id, t.c.host_id, t.c.lease_expires_at, t.c.deadline).where(t.c.id == task_id)
+            ).one()
+            reason = "deadline passed" if row.deadline <= now else "lease not renewed"
+            if transition(
+                conn,
+                TaskState.LOST,
+                task_id,
+                "system:expiry",
+                only_from=frozenset({TaskState.LEASED}),
+                detail={"reason": reason},
+            ):
+                if row.host_id is not None:
+                    record_outcome(conn, row.host_id, "lost", settings.daily_quota_per_core)
+                settle_job(conn, row.job_id, "system:expiry", max_quota=settings.daily_quota_per_core)
+                n += 1
+    return n

@@ -1,0 +1,132 @@
+"""Replication and reissue: after any task of a job changes, decide what the job needs next.
+
+BOINC's rule, simplified: a job needs `quorum` valid results that agree. When the results in hand and the
+tasks still out cannot reach that, new tasks are created, until `max_attempts` tasks were used; then the
+job fails. Agreement is what the app's comparator says (equal output digests by default).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from airlock.core.states import JOB_FINAL, JobState, TaskState
+from airlock.db import schema
+from airlock.db.engine import utcnow
+from airlock.db.transitions import record_event, transition
+from airlock.scheduler.quota import record_outcome
+
+IN_FLIGHT = {TaskState.READY.value, TaskState.LEASED.value, TaskState.REPORTED.value}
+
+
+def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | None = None) -> str:
+    """Bring a job's state in line with its tasks, in the caller's transaction. Returns the job state."""
+    j, t = schema.jobs, schema.tasks
+    job = conn.execute(
+        select(j.c.state, j.c.quorum, j.c.attempts, j.c.max_attempts, j.c.canonical_task_id).where(
+            j.c.id == job_id
+        )
+    ).one()
+    if job.state in JOB_FINAL or job.state == JobState.ASSIMILATING.value:
+        return str(job.state)
+    tasks = conn.execute(
+        select(t.c.id, t.c.state, t.c.agreement, t.c.host_id).where(t.c.job_id == job_id).order_by(t.c.id)
+    ).all()
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for task in tasks:
+        if task.state == TaskState.VALID.value:
+            groups[task.agreement or ""].append(task)
+    best = max(groups.values(), key=len, default=[])
+    if len(best) >= job.quorum:
+        _reach_quorum(conn, job_id, job.state, best, groups, tasks, actor, max_quota)
+        return JobState.ASSIMILATING.value
+
+    in_flight = [task for task in tasks if task.state in IN_FLIGHT]
+    missing = job.quorum - len(best) - len(in_flight)
+    if missing > 0:
+        can_create = min(missing, job.max_attempts - job.attempts)
+        if can_create > 0:
+            create_tasks(conn, job_id, can_create, actor, reason="replacement")
+            in_flight.extend([None] * can_create)
+        elif not in_flight:
+            reason = f"no quorum of {job.quorum} agreeing valid results within {job.max_attempts} attempts"
+            transition(
+                conn, JobState.FAILED, job_id, actor, values=_finished(reason), detail={"reason": reason}
+            )
+            return JobState.FAILED.value
+    reported = any(task.state == TaskState.REPORTED.value for task in tasks)
+    leased_ever = any(task.state != TaskState.READY.value for task in tasks)
+    target = JobState.VALIDATING if reported else (JobState.RUNNING if leased_ever else None)
+    if target is not None and job.state != target.value:
+        transition(conn, target, job_id, actor)
+        return target.value
+    return str(job.state)
+
+
+def _reach_quorum(
+    conn: Connection,
+    job_id: int,
+    state: str,
+    best: list[Any],
+    groups: dict[str, list[Any]],
+    tasks: list[Any],
+    actor: str,
+    max_quota: int | None,
+) -> None:
+    canonical = best[0]
+    transition(
+        conn,
+        JobState.ASSIMILATING,
+        job_id,
+        actor,
+        values={"canonical_task_id": canonical.id, "updated_at": utcnow()},
+        detail={"canonical_task": canonical.id, "agreeing": [task.id for task in best]},
+    )
+    for agreement, group in groups.items():
+        if agreement == (canonical.agreement or ""):
+            continue
+        for task in group:  # valid on its own, but outvoted by the quorum
+            if transition(
+                conn, TaskState.INVALID, task.id, actor, values={"verdict": "disagrees with the quorum"}
+            ):
+                if max_quota is not None and task.host_id is not None:
+                    record_outcome(conn, task.host_id, "invalid", max_quota)
+    for task in tasks:  # work not yet handed out is no longer needed
+        if task.state == TaskState.READY.value:
+            transition(conn, TaskState.ABORTED, task.id, actor, detail={"reason": "quorum reached"})
+
+
+def _finished(reason: str | None = None) -> dict[str, Any]:
+    now = utcnow()
+    values: dict[str, Any] = {"finished_at": now, "updated_at": now}
+    if reason is not None:
+        values["reason"] = reason
+    return values
+
+
+def create_tasks(conn: Connection, job_id: int, n: int, actor: str, *, reason: str) -> None:
+    now = utcnow()
+    j = schema.jobs
+    conn.execute(update(j).where(j.c.id == job_id).values(attempts=j.c.attempts + n, updated_at=now))
+    ids = conn.execute(
+        insert(schema.tasks).returning(schema.tasks.c.id, sort_by_parameter_order=True),
+        [{"job_id": job_id, "state": TaskState.READY.value, "created_at": now} for _ in range(n)],
+    ).scalars()
+    for tid in ids:
+        record_event(conn, actor, "task.created", "task", tid, {"job_id": job_id, "reason": reason})
+
+
+def cancel_job(conn: Connection, job_id: int, actor: str) -> bool:
+    """Cancel a job and abort its unfinished tasks (an agent learns of it at its next heartbeat)."""
+    if not transition(conn, JobState.CANCELLED, job_id, actor, values=_finished("cancelled by the operator")):
+        return False
+    t = schema.tasks
+    for (tid,) in conn.execute(select(t.c.id).where(t.c.job_id == job_id, t.c.state.in_(IN_FLIGHT))).all():
+        transition(conn, TaskState.ABORTED, tid, actor, detail={"reason": "job cancelled"})
+    return True
+
+
+def finish_values(reason: str | None = None) -> dict[str, Any]:
+    return _finished(reason)

@@ -1,0 +1,56 @@
+"""A volunteer reports a task's result: accepted once, from the host that holds the live lease."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, select
+
+from airlock.core.errors import BadInput, Conflict, Gone
+from airlock.core.schemas import ReportAccepted, TaskReport
+from airlock.core.states import TaskState
+from airlock.credentials.accounts import require_active
+from airlock.db import schema
+from airlock.db.engine import utcnow
+from airlock.db.transitions import transition
+from airlock.scheduler.leases import lease_is_live, own_task
+from airlock.scheduler.replication import settle_job
+
+_DONE = {TaskState.REPORTED.value, TaskState.VALID.value, TaskState.INVALID.value, TaskState.ERROR.value}
+
+
+def report_task(conn: Connection, volunteer_id: int, task_id: int, report: TaskReport) -> ReportAccepted:
+    require_active(conn, volunteer_id)
+    task = own_task(conn, volunteer_id, report.host_id, task_id)
+    now = utcnow()
+    if task.state in _DONE:
+        raise Conflict(f"task {task_id} was already reported")
+    if task.state == TaskState.ABORTED.value:
+        raise Gone(f"task {task_id} was aborted (its job was cancelled or finished)")
+    if not lease_is_live(task, now):
+        raise Gone(f"the lease on task {task_id} has expired; the task was given to another host")
+    spec = conn.execute(select(schema.jobs.c.spec).where(schema.jobs.c.id == task.job_id)).scalar_one()
+    declared = {o["name"] for o in spec["outputs"]}
+    names = [o.name for o in report.outputs]
+    unknown = sorted(set(names) - declared)
+    if unknown:
+        raise BadInput(f"task {task_id} reports outputs the job did not declare: {unknown}")
+    if len(names) != len(set(names)):
+        raise BadInput("an output is reported twice")
+    actor = f"host:{report.host_id}"
+    transition(
+        conn,
+        TaskState.REPORTED,
+        task_id,
+        actor,
+        only_from=frozenset({TaskState.LEASED}),
+        values={
+            "reported_at": now,
+            "exit_code": report.exit_code,
+            "cpu_time_s": report.cpu_time_s,
+            "wall_time_s": report.wall_time_s,
+            "stderr_tail": report.stderr_tail[-65536:],
+            "reported_outputs": [o.model_dump() for o in report.outputs],
+        },
+        detail={"exit_code": report.exit_code},
+    )
+    settle_job(conn, task.job_id, actor)
+    return ReportAccepted(task_id=task_id, state=TaskState.REPORTED.value)
