@@ -238,7 +238,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_agent(ns: argparse.Namespace) -> int:
     from airlock.agent.main import options_from_args, run_agent
 
-    return run_agent(options_from_args(ns))
+    return int(run_agent(options_from_args(ns)))
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ class Settings(BaseModel):
 
 def _coerce_env(name: str, raw: str) -> Any:
     field = Settings.model_fields[name]
-    if field.annotation is bool or field.annotation == "bool":
+    if field.annotation is bool:
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     return raw
 

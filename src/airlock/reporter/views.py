@@ -15,7 +15,7 @@ from airlock.scheduler.quota import today
 
 def batch_view(conn: Connection, row: Any) -> BatchView:
     j = schema.jobs
-    counts = dict(
+    counts: dict[str, int] = dict(
         conn.execute(select(j.c.state, func.count()).where(j.c.batch_id == row.id).group_by(j.c.state))
         .tuples()
         .all()

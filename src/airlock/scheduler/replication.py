@@ -40,16 +40,16 @@ def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | No
             groups[task.agreement or ""].append(task)
     best = max(groups.values(), key=len, default=[])
     if len(best) >= job.quorum:
-        _reach_quorum(conn, job_id, job.state, best, groups, tasks, actor, max_quota)
+        _reach_quorum(conn, job_id, best, groups, list(tasks), actor, max_quota)
         return JobState.ASSIMILATING.value
 
-    in_flight = [task for task in tasks if task.state in IN_FLIGHT]
-    missing = job.quorum - len(best) - len(in_flight)
+    in_flight = sum(1 for task in tasks if task.state in IN_FLIGHT)
+    missing = job.quorum - len(best) - in_flight
     if missing > 0:
         can_create = min(missing, job.max_attempts - job.attempts)
         if can_create > 0:
             create_tasks(conn, job_id, can_create, actor, reason="replacement")
-            in_flight.extend([None] * can_create)
+            in_flight += can_create
         elif not in_flight:
             reason = f"no quorum of {job.quorum} agreeing valid results within {job.max_attempts} attempts"
             transition(
@@ -66,10 +66,7 @@ def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | No
 
 
 def _reach_quorum(
-    conn: Connection,
-    job_id: int,
-    state: str,
-    best: list[Any],
+    conn: Connection, job_id: int, best: list[Any],
     groups: dict[str, list[Any]],
     tasks: list[Any],
     actor: str,
