@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from airlock.context import Gateway
 from airlock.core.checksums import digest_bytes, format_digest_header
 from airlock.db import schema
+from airlock.db.engine import read
 from airlock.service import BackgroundLoops
 
 OPERATOR_TOKEN = "operator-secret-7f3a9c1e-never-leaves-the-trusted-domain"
@@ -71,7 +72,7 @@ class Api:
         return result
 
     def count(self, table: Any, *where: Any) -> int:
-        with self.gw.engine.connect() as conn:
+        with read(self.gw.engine) as conn:
             return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
     def snapshot(self) -> dict[str, int]:
@@ -97,13 +98,16 @@ class Volunteer:
         self.token = r.json()["access_token"]
 
     def register_host(self, **kw: Any) -> None:
-        r = self.api.client.post("/api/v1/hosts", json={"platform": "x86_64-pc-linux-gnu", **kw}, headers=self.auth)
+        r = self.api.client.post(
+            "/api/v1/hosts", json={"platform": "x86_64-pc-linux-gnu", **kw}, headers=self.auth
+        )
         assert r.status_code == 201, r.text
         self.host_id = r.json()["host_id"]
 
     def request(self, slots: int = 1, **kw: Any) -> Any:
-        return self.api.client.post("/api/v1/work", json={"host_id": self.host_id, "slots": slots, **kw},
-                                    headers=self.auth)
+        return self.api.client.post(
+            "/api/v1/work", json={"host_id": self.host_id, "slots": slots, **kw}, headers=self.auth
+        )
 
     def work(self, slots: int = 1, **kw: Any) -> list[dict[str, Any]]:
         r = self.request(slots, **kw)
@@ -111,19 +115,37 @@ class Volunteer:
         tasks: list[dict[str, Any]] = r.json()["tasks"]
         return tasks
 
-    def upload(self, task: dict[str, Any], data: bytes, name: str | None = None, *,
-               digest_of: bytes | None = None, token: str | None = None, headers: dict[str, str] | None = None) -> Any:
-        out = task["outputs"][0] if name is None else next(
-            (o for o in task["outputs"] if o["name"] == name), None)
+    def upload(
+        self,
+        task: dict[str, Any],
+        data: bytes,
+        name: str | None = None,
+        *,
+        digest_of: bytes | None = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        out = (
+            task["outputs"][0]
+            if name is None
+            else next((o for o in task["outputs"] if o["name"] == name), None)
+        )
         url = out["upload_url"] if out else task["outputs"][0]["upload_url"].rsplit("/", 1)[0] + f"/{name}"
         d = digest_bytes(digest_of if digest_of is not None else data)
-        hdrs = {"Authorization": f"Bearer {token or task['upload_token']}",
-                "Digest": format_digest_header(d.adler32, d.sha256)}
+        hdrs = {
+            "Authorization": f"Bearer {token or task['upload_token']}",
+            "Digest": format_digest_header(d.adler32, d.sha256),
+        }
         hdrs.update(headers or {})
         return self.api.client.put(url.replace("http://testserver", ""), content=data, headers=hdrs)
 
-    def report(self, task: dict[str, Any], exit_code: int = 0, outputs: dict[str, bytes] | None = None,
-               host_id: int | None = None) -> Any:
+    def report(
+        self,
+        task: dict[str, Any],
+        exit_code: int = 0,
+        outputs: dict[str, bytes] | None = None,
+        host_id: int | None = None,
+    ) -> Any:
         outs = [
             {"name": n, "size": len(b), "adler32": digest_bytes(b).adler32, "sha256": digest_bytes(b).sha256}
             for n, b in (outputs or {}).items()
@@ -143,5 +165,6 @@ class Volunteer:
         assert r.status_code == 200, r.text
 
     def heartbeat(self, task: dict[str, Any]) -> Any:
-        return self.api.client.post(f"/api/v1/tasks/{task['task_id']}/heartbeat", json={"host_id": self.host_id},
-                                    headers=self.auth)
+        return self.api.client.post(
+            f"/api/v1/tasks/{task['task_id']}/heartbeat", json={"host_id": self.host_id}, headers=self.auth
+        )

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from airlock.db import schema
+from airlock.db.engine import read
 from airlock.validator.validate import validate_pending
 
 from .helpers import OPERATOR_TOKEN, Api, job
@@ -25,15 +26,29 @@ def _worker_once(api: Api, crash_at: str | None) -> subprocess.CompletedProcess[
     if crash_at:
         env["AIRLOCK_CRASH_AT"] = crash_at
     return subprocess.run(
-        [sys.executable, "-m", "airlock", "worker", "--once", "--data-dir", str(s.data_dir),
-         "--database-url", s.db_url],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "airlock",
+            "worker",
+            "--once",
+            "--data-dir",
+            str(s.data_dir),
+            "--database-url",
+            s.db_url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 @pytest.mark.parametrize("crash_at", CRASH_POINTS)
 def test_assimilator_killed_at_any_point_finishes_once_on_restart(api: Api, crash_at: str) -> None:
-    jobs = api.submit(job("a", outputs=[{"name": "out.txt", "max_size": 100}, {"name": "log.txt", "max_size": 100}]))
+    jobs = api.submit(
+        job("a", outputs=[{"name": "out.txt", "max_size": 100}, {"name": "log.txt", "max_size": 100}])
+    )
     (jid,) = jobs["jobs"]
     v = api.volunteer()
     (t,) = v.work()
@@ -52,11 +67,14 @@ def test_assimilator_killed_at_any_point_finishes_once_on_restart(api: Api, cras
     assert again.returncode == 0, again.stderr
     view = api.job(jid)
     assert view["state"] == "done"
-    assert sorted((o["name"], o["state"]) for o in view["outputs"]) == [("log.txt", "trusted"), ("out.txt", "trusted")]
+    assert sorted((o["name"], o["state"]) for o in view["outputs"]) == [
+        ("log.txt", "trusted"),
+        ("out.txt", "trusted"),
+    ]
     f, e = schema.files, schema.events
     assert api.count(f, f.c.kind == "trusted") == 2
     assert api.count(e, e.c.action == "job.done", e.c.object_id == jid) == 1
-    with api.gw.engine.connect() as conn:
+    with read(api.gw.engine) as conn:
         keys = dict(conn.execute(select(f.c.name, f.c.location).where(f.c.kind == "trusted")).tuples().all())
     with api.gw.trusted.open_read(keys["out.txt"]) as fh:
         assert fh.read() == b"the result\n"

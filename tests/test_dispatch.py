@@ -35,7 +35,11 @@ def test_host_only_gets_tasks_that_fit(api: Api) -> None:
     got = small.work(slots=8)
     assert [api.job(t["job_id"])["name"] for t in got] == ["small"]
     big = api.volunteer(cores=16, memory_mb=32000, disk_mb=200_000)
-    assert {api.job(t["job_id"])["name"] for t in big.work(slots=8)} == {"big-cores", "big-memory", "big-disk"}
+    assert {api.job(t["job_id"])["name"] for t in big.work(slots=8)} == {
+        "big-cores",
+        "big-memory",
+        "big-disk",
+    }
 
 
 def test_free_resources_in_request_limit_the_tasks(api: Api) -> None:

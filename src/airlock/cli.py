@@ -223,10 +223,11 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     from airlock.context import Gateway
+    from airlock.db.engine import read
     from airlock.reporter.report import build_report, render_console, write_html
 
     gw = Gateway.open(_settings(ns))
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         report = build_report(conn, gw.trusted, batch_id=ns.batch)
     render_console(report, console)
     if ns.html:
@@ -262,7 +263,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock",
-        description="Airlock: a gateway that runs an experiment's batch jobs on untrusted volunteer computers.",
+        description="Airlock: a gateway that runs an experiment's batch jobs on untrusted volunteer "
+        "computers.",
     )
     parser.add_argument("--version", action="version", version=f"airlock {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -20,6 +20,7 @@ from airlock.core.schemas import (
     VolunteerView,
 )
 from airlock.credentials import accounts
+from airlock.db.engine import read
 from airlock.generator.inputs import receive_input, register_input
 from airlock.generator.submit import parse_batch, submit_batch
 from airlock.reporter import views
@@ -50,13 +51,13 @@ def submit(gw: GatewayDep, who: Operator, body: dict[str, Any]) -> BatchCreated:
 
 @router.get("/batches")
 def batches(gw: GatewayDep, who: Operator) -> list[BatchView]:
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return views.list_batches(conn)
 
 
 @router.get("/batches/{batch_id}")
 def batch(gw: GatewayDep, who: Operator, batch_id: int) -> BatchView:
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return views.get_batch(conn, batch_id)
 
 
@@ -78,13 +79,13 @@ def jobs(
     limit: int = Query(default=1000, ge=1, le=100_000),
     offset: int = Query(default=0, ge=0),
 ) -> list[JobView]:
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return views.list_jobs(conn, batch_id, state, limit, offset)
 
 
 @router.get("/jobs/{job_id}")
 def job(gw: GatewayDep, who: Operator, job_id: int) -> JobView:
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return views.get_job(conn, job_id)
 
 
@@ -100,7 +101,7 @@ def cancel(gw: GatewayDep, who: Operator, job_id: int) -> JobView:
 @router.get("/jobs/{job_id}/outputs/{name}", response_class=FileResponse)
 def output(gw: GatewayDep, who: Operator, job_id: int, name: str) -> FileResponse:
     """A validated output, from trusted storage."""
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         row = views.trusted_output(conn, job_id, name)
     path = gw.trusted.local_path(row.location)
     if path is None or not path.is_file():
@@ -121,7 +122,7 @@ def create_volunteer(gw: GatewayDep, who: Operator, body: VolunteerRegistration)
 
 @router.get("/volunteers")
 def volunteers(gw: GatewayDep, who: Operator) -> list[VolunteerView]:
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return accounts.list_volunteers(conn)
 
 
@@ -141,7 +142,7 @@ def unblock(gw: GatewayDep, who: Operator, volunteer_id: int) -> dict[str, str]:
 
 @router.get("/hosts")
 def hosts(gw: GatewayDep, who: Operator) -> list[HostView]:
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return views.list_hosts(conn)
 
 
@@ -149,5 +150,5 @@ def hosts(gw: GatewayDep, who: Operator) -> list[HostView]:
 def report(gw: GatewayDep, who: Operator, batch_id: int | None = None) -> JSONResponse:
     from airlock.reporter.report import build_report
 
-    with gw.engine.connect() as conn:
+    with read(gw.engine) as conn:
         return JSONResponse(build_report(conn, gw.trusted, batch_id=batch_id).to_dict())

@@ -49,8 +49,7 @@ def register(gw: GatewayDep, body: VolunteerRegistration) -> VolunteerView:
 def token(gw: GatewayDep, body: Login) -> TokenResponse:
     """Exchange a user name and password for a short-lived access token (WLCG JWT, compute scopes)."""
     ttl = timedelta(seconds=gw.settings.access_token_ttl_s)
-    with gw.engine.begin() as conn:
-        issued = accounts.login(conn, gw.issuer, body.username, body.password, ttl)
+    issued = accounts.login(gw.engine, gw.issuer, body.username, body.password, ttl)
     return TokenResponse(access_token=issued.token, expires_in=int(ttl.total_seconds()), scope=issued.scope)
 
 

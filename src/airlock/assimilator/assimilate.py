@@ -19,7 +19,7 @@ from airlock.core.checksums import Digest
 from airlock.core.faults import crash_point
 from airlock.core.states import FileState, JobState
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.scheduler.replication import finish_values
 from airlock.storage.base import Storage
@@ -35,7 +35,7 @@ def trusted_key(batch_id: int, job_id: int, name: str) -> str:
 def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id: int) -> bool:
     """Assimilate one job; False if it was not (or no longer) waiting for it."""
     j, f, t = schema.jobs, schema.files, schema.tasks
-    with engine.connect() as conn:
+    with read(engine) as conn:
         job = conn.execute(select(j).where(j.c.id == job_id)).one()
         if job.state != JobState.ASSIMILATING.value:
             return False
@@ -43,7 +43,6 @@ def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id
         outputs = conn.execute(
             select(f).where(f.c.kind == "output", f.c.task_id == task.id).order_by(f.c.name)
         ).all()
-        conn.rollback()
 
     copied: list[tuple[Any, str]] = []
     for out in outputs:
@@ -107,7 +106,7 @@ def _delete_quarantined(engine: Engine, quarantine: Storage, file_id: int, locat
 
 def assimilate_pending(engine: Engine, quarantine: Storage, trusted: Storage, *, limit: int = 100) -> int:
     j = schema.jobs
-    with engine.connect() as conn:
+    with read(engine) as conn:
         ids = (
             conn.execute(
                 select(j.c.id).where(j.c.state == JobState.ASSIMILATING.value).order_by(j.c.id).limit(limit)
@@ -115,7 +114,6 @@ def assimilate_pending(engine: Engine, quarantine: Storage, trusted: Storage, *,
             .scalars()
             .all()
         )
-        conn.rollback()
     n = 0
     for job_id in ids:
         try:

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, or_, select
 from airlock.config import Settings
 from airlock.core.states import JOB_FINAL, FileState, TaskState
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.storage.base import Storage
 
@@ -26,7 +26,7 @@ _BAD = [TaskState.INVALID.value, TaskState.ERROR.value, TaskState.LOST.value, Ta
 def sweep_quarantine(engine: Engine, quarantine: Storage, settings: Settings, *, limit: int = 1000) -> int:
     f, t, j = schema.files, schema.tasks, schema.jobs
     cutoff = utcnow() - timedelta(seconds=settings.quarantine_retention_s)
-    with engine.connect() as conn:
+    with read(engine) as conn:
         rows = conn.execute(
             select(f.c.id, f.c.location)
             .join(t, t.c.id == f.c.task_id)
@@ -39,7 +39,6 @@ def sweep_quarantine(engine: Engine, quarantine: Storage, settings: Settings, *,
             )
             .limit(limit)
         ).all()
-        conn.rollback()
     for fid, location in rows:
         quarantine.delete(location)
         with engine.begin() as conn:

@@ -173,8 +173,8 @@ async def receive_upload(
     if digest.adler32 != declared.get("adler32", digest.adler32) or digest.sha256 != declared["sha256"]:
         pending.discard()
         raise ChecksumMismatch(
-            f"{name}: received adler32 {digest.adler32}, sha-256 {digest.sha256[:16]}..., which differ from the "
-            "Digest header; nothing was stored"
+            f"{name}: received adler32 {digest.adler32}, sha-256 {digest.sha256[:16]}..., "
+            "which differ from the Digest header; nothing was stored"
         )
     elapsed = time.monotonic() - started
     rate = digest.size / elapsed if elapsed > 0 and digest.size >= 65536 else None

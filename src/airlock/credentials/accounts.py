@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from airlock.core.errors import Conflict, Forbidden, NotFound, Unauthorized
@@ -15,7 +15,7 @@ from airlock.core.schemas import VolunteerView
 from airlock.core.states import TaskState, VolunteerState
 from airlock.credentials.tokens import COMPUTE_SCOPES, Issued, TokenIssuer, record_credential
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import read, utcnow
 from airlock.db.transitions import record_event, require_transition, transition
 
 _hasher = PasswordHasher()
@@ -59,12 +59,15 @@ def require_active(conn: Connection, volunteer_id: int) -> None:
         raise Forbidden("this volunteer account is blocked")
 
 
-def login(conn: Connection, issuer: TokenIssuer, username: str, password: str, ttl: timedelta) -> Issued:
-    row = conn.execute(
-        select(schema.volunteers.c.id, schema.volunteers.c.password_hash, schema.volunteers.c.state).where(
-            schema.volunteers.c.name == username
-        )
-    ).one_or_none()
+def login(engine: Engine, issuer: TokenIssuer, username: str, password: str, ttl: timedelta) -> Issued:
+    """Check the password (deliberately slow: argon2) outside any write transaction, then issue the
+    token and record it in a short one."""
+    with read(engine) as conn:
+        row = conn.execute(
+            select(schema.volunteers.c.id, schema.volunteers.c.password_hash).where(
+                schema.volunteers.c.name == username
+            )
+        ).one_or_none()
     try:
         _hasher.verify(row.password_hash if row else _DUMMY_HASH, password)
         ok = row is not None
@@ -72,11 +75,11 @@ def login(conn: Connection, issuer: TokenIssuer, username: str, password: str, t
         ok = False
     if not ok or row is None:
         raise Unauthorized("wrong user name or password")
-    if row.state != VolunteerState.ACTIVE.value:
-        raise Forbidden("this volunteer account is blocked")
-    issued = issuer.issue(row.id, list(COMPUTE_SCOPES), utcnow(), ttl)
-    record_credential(conn, issued, "access", row.id)
-    record_event(conn, f"volunteer:{row.id}", "volunteer.login", "volunteer", row.id, {"jti": issued.jti})
+    with engine.begin() as conn:
+        require_active(conn, row.id)
+        issued = issuer.issue(row.id, list(COMPUTE_SCOPES), utcnow(), ttl)
+        record_credential(conn, issued, "access", row.id)
+        record_event(conn, f"volunteer:{row.id}", "volunteer.login", "volunteer", row.id, {"jti": issued.jti})
     return issued
 
 

@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.pool import QueuePool
 
+READ_ONLY = "airlock_read_only"
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -43,8 +45,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
-            # Take the write lock at BEGIN: no transaction ever has to upgrade a read lock and fail.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock at BEGIN, so no transaction has to upgrade a read lock and
+            # fail; readers (see `read`) take none and run beside the writer (WAL).
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):
@@ -53,7 +59,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 @contextlib.contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
-    """One unit of work: commits on success, rolls back on any exception."""
-    with engine.begin() as conn:
-        yield conn
+def read(engine: Engine) -> Iterator[Connection]:
+    """A read-only snapshot: never blocks writers, never takes SQLite's write lock. Rolled back at the end."""
+    with engine.connect() as conn:
+        conn.execution_options(**{READ_ONLY: True})
+        try:
+            yield conn
+        finally:
+            conn.rollback()

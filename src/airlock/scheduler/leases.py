@@ -13,7 +13,7 @@ from airlock.core.schemas import HeartbeatReply
 from airlock.core.states import TaskState
 from airlock.credentials.accounts import require_active
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
@@ -57,7 +57,7 @@ def expire_leases(engine: Engine, settings: Settings, *, limit: int = 500) -> in
     """Mark overdue leased tasks lost (each in its own transaction) and let replication reissue them."""
     t = schema.tasks
     now = utcnow()
-    with engine.connect() as conn:
+    with read(engine) as conn:
         overdue = (
             conn.execute(
                 select(t.c.id)
@@ -70,7 +70,6 @@ def expire_leases(engine: Engine, settings: Settings, *, limit: int = 500) -> in
             .scalars()
             .all()
         )
-        conn.rollback()
     n = 0
     for task_id in overdue:
         with engine.begin() as conn:

@@ -66,7 +66,9 @@ def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | No
 
 
 def _reach_quorum(
-    conn: Connection, job_id: int, best: list[Any],
+    conn: Connection,
+    job_id: int,
+    best: list[Any],
     groups: dict[str, list[Any]],
     tasks: list[Any],
     actor: str,
@@ -85,11 +87,11 @@ def _reach_quorum(
         if agreement == (canonical.agreement or ""):
             continue
         for task in group:  # valid on its own, but outvoted by the quorum
-            if transition(
+            outvoted = transition(
                 conn, TaskState.INVALID, task.id, actor, values={"verdict": "disagrees with the quorum"}
-            ):
-                if max_quota is not None and task.host_id is not None:
-                    record_outcome(conn, task.host_id, "invalid", max_quota)
+            )
+            if outvoted and max_quota is not None and task.host_id is not None:
+                record_outcome(conn, task.host_id, "invalid", max_quota)
     for task in tasks:  # work not yet handed out is no longer needed
         if task.state == TaskState.READY.value:
             transition(conn, TaskState.ABORTED, task.id, actor, detail={"reason": "quorum reached"})

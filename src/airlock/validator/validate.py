@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, select
 from airlock.config import Settings
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
@@ -102,7 +102,7 @@ def _apply(conn: Connection, task: Any, job: Any, verdict: Verdict, settings: Se
 def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *, limit: int = 200) -> int:
     """Judge up to `limit` reported tasks; returns how many verdicts were recorded."""
     t, j, f = schema.tasks, schema.jobs, schema.files
-    with engine.connect() as conn:
+    with read(engine) as conn:
         rows = conn.execute(
             select(t).where(t.c.state == TaskState.REPORTED.value).order_by(t.c.id).limit(limit)
         ).all()
@@ -117,7 +117,6 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
                 select(f).where(f.c.kind == "output", f.c.task_id.in_([r.id for r in rows]))
             ):
                 files.setdefault(frow.task_id, []).append(frow)
-        conn.rollback()
     n = 0
     for task in rows:
         job = jobs[task.job_id]

@@ -1,0 +1,318 @@
+"""`airlock demo`: the whole system on the embedded default (SQLite and local folders).
+
+Starts a real gateway process on a free loopback port, submits a batch of Λb → p μ ν Monte Carlo jobs
+(each writes a ROOT file), runs a pool of real agents of which some misbehave (vanish mid-task, return
+corrupt or tampered output, exit non-zero, upload a file nobody asked for), shows progress, and ends with
+the report: the reconciliation of job states against files in trusted storage, return times, success per
+host and an HTML page with the return-time curve and the physics histogram. Every job must end done and
+no tampered output may reach trusted storage; the exit code says whether that held.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from airlock.config import load_settings
+from airlock.context import Gateway, initialise
+from airlock.db.engine import read
+from airlock.db.migrate import upgrade
+from airlock.operator_client import OperatorClient
+
+LBMC = Path(__file__).with_name("lbmc.py")
+MISBEHAVIOURS = ["vanish", "corrupt", "tamper", "fail", "extra"]
+PASSWORD = "demo-volunteer-password"
+
+
+@dataclass
+class DemoOptions:
+    jobs: int = 100
+    agents: int = 8
+    events: int = 2000
+    work_dir: Path = Path("airlock-demo")
+    keep: bool = False
+    database_url: str | None = None
+    timeout_s: float = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sandbox_available() -> bool:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return False
+    probe = subprocess.run(
+        [
+            bwrap,
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--unshare-all",
+            "--",
+            "/bin/true",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    return probe.returncode == 0
+
+
+def batch_description(n_jobs: int, events: int, lbmc_sha256: str) -> dict[str, Any]:
+    return {
+        "name": "lambda_b-to-p-mu-nu",
+        "owner": "demo-physicist",
+        "defaults": {
+            "app": "lbmc",
+            "inputs": [{"name": "lbmc.py", "sha256": lbmc_sha256}],
+            "outputs": [{"name": "events.root", "max_size": "8MB"}],
+            "resources": {"cores": 1, "memory_mb": 1024, "disk_mb": 64, "runtime_s": 30},
+            "copies": 2,
+            "quorum": 2,
+            "max_attempts": 10,
+            "deadline_s": 900,
+        },
+        "jobs": [
+            {
+                "name": f"lbmc-{seed:04d}",
+                "command": [
+                    "python3",
+                    "lbmc.py",
+                    "--seed",
+                    str(seed),
+                    "--events",
+                    str(events),
+                    "--out",
+                    "events.root",
+                ],
+                "params": {"seed": seed, "events": events},
+            }
+            for seed in range(1, n_jobs + 1)
+        ],
+    }
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions, console: Console) -> None:
+        self.opts = opts
+        self.console = console
+        self.root = opts.work_dir.resolve()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.operator_token = secrets.token_urlsafe(24)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AIRLOCK_")},
+            "AIRLOCK_OPERATOR_TOKEN": self.operator_token,
+            "AIRLOCK_LEASE_S": "20",  # a vanished volunteer's task is reissued after 20 s
+            "AIRLOCK_HEARTBEAT_INTERVAL_S": "5",
+            "AIRLOCK_LOOP_INTERVAL_S": "0.3",
+            "AIRLOCK_RETRY_AFTER_S": "2",
+            "AIRLOCK_QUARANTINE_RETENTION_S": "0",
+        }
+        if opts.database_url:
+            self.env["AIRLOCK_DATABASE_URL"] = opts.database_url
+        self.server: subprocess.Popen[bytes] | None = None
+        self.agents: list[subprocess.Popen[bytes]] = []
+
+    # ------------------------------------------------------------------------------------------ steps
+    def prepare(self) -> Gateway:
+        if self.root.exists() and not self.opts.keep:
+            shutil.rmtree(self.root)
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        settings = load_settings(
+            data_dir=self.root / "gateway",
+            database_url=self.opts.database_url,
+            operator_token=self.operator_token,
+            public_url=self.url,
+            bind_port=self.port,
+        )
+        initialise(settings)
+        gw = Gateway.open(settings)
+        upgrade(gw.engine)
+        return gw
+
+    def start_server(self) -> None:
+        log = (self.root / "logs" / "gateway.log").open("wb")
+        self.server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "airlock",
+                "serve",
+                "--data-dir",
+                str(self.root / "gateway"),
+                "--port",
+                str(self.port),
+                "--public-url",
+                self.url,
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the gateway exited; see {self.root / 'logs' / 'gateway.log'}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the gateway did not come up within 60 s")
+
+    def start_agents(self, client: OperatorClient, sandboxed: bool) -> list[tuple[str, str]]:
+        honest = max(3, self.opts.agents - len(MISBEHAVIOURS))
+        roles = ["honest"] * honest + MISBEHAVIOURS[: max(0, self.opts.agents - honest)]
+        pool = []
+        for i, role in enumerate(roles, 1):
+            name = f"{role}-{i:02d}"
+            client.add_volunteer(name, PASSWORD)
+            cmd = [
+                sys.executable,
+                "-m",
+                "airlock",
+                "agent",
+                "--server",
+                self.url,
+                "--user",
+                name,
+                "--password",
+                PASSWORD,
+                "--slots",
+                "1",
+                "--work-dir",
+                str(self.root / "agents" / name),
+                "--poll-max",
+                "2",
+                "--host-name",
+                name,
+            ]
+            if not sandboxed:
+                cmd.append("--no-sandbox")
+            if role != "honest":
+                cmd += ["--misbehave", role]
+            log = (self.root / "logs" / f"agent-{name}.log").open("wb")
+            self.agents.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            pool.append((name, role))
+        return pool
+
+    def wait(self, client: OperatorClient, batch_id: int, total: int) -> dict[str, int]:
+        states: dict[str, int] = {}
+        final = ("done", "failed", "cancelled")
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[states]}"),
+            console=self.console,
+            transient=False,
+        ) as progress:
+            bar = progress.add_task("jobs done", total=total, states="")
+            deadline = time.monotonic() + self.opts.timeout_s
+            while time.monotonic() < deadline:
+                states = client.call("GET", f"/api/v1/batches/{batch_id}")["jobs_by_state"]
+                summary = "  ".join(f"{k} {v}" for k, v in sorted(states.items()))
+                progress.update(bar, completed=states.get("done", 0), states=summary)
+                if sum(states.get(s, 0) for s in final) >= total:
+                    break
+                time.sleep(0.5)
+        return states
+
+    def stop(self) -> None:
+        for p in self.agents:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.agents:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if self.server and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+
+
+def run_demo(opts: DemoOptions) -> int:
+    console = Console()
+    demo = Demo(opts, console)
+    started = time.monotonic()
+    gw = demo.prepare()
+    sandboxed = sandbox_available()
+    if not sandboxed:
+        console.print(
+            "[yellow]bubblewrap is not usable here: the demo's agents run with --no-sandbox "
+            "(install the Debian package bubblewrap for the real thing)[/yellow]"
+        )
+    try:
+        demo.start_server()
+        console.print(f"gateway on {demo.url}  (data: {demo.root / 'gateway'}, logs: {demo.root / 'logs'})")
+        with OperatorClient(demo.url, demo.operator_token) as client:
+            lbmc = client.upload_input(LBMC.read_bytes())
+            batch = client.submit(batch_description(opts.jobs, opts.events, lbmc["sha256"]))
+            console.print(f"submitted batch {batch['batch_id']}: {opts.jobs} jobs × 2 copies, quorum 2")
+            pool = demo.start_agents(client, sandboxed)
+            console.print("agents: " + ", ".join(f"{n}" for n, _ in pool))
+            states = demo.wait(client, batch["batch_id"], opts.jobs)
+    finally:
+        demo.stop()
+    elapsed = time.monotonic() - started
+    return conclude(gw, demo, batch["batch_id"], opts, states, elapsed, console)
+
+
+def conclude(
+    gw: Gateway,
+    demo: Demo,
+    batch_id: int,
+    opts: DemoOptions,
+    states: dict[str, int],
+    elapsed: float,
+    console: Console,
+) -> int:
+    from airlock.demo.verify import untampered
+    from airlock.reporter.report import build_report, render_console, write_html
+
+    with read(gw.engine) as conn:
+        report = build_report(conn, gw.trusted, batch_id=batch_id)
+    render_console(report, console)
+    html = demo.root / "report.html"
+    write_html(report, html, trusted=gw.trusted)
+    checked, bad = untampered(gw, batch_id)
+    done = states.get("done", 0)
+    console.print(
+        f"\njobs done: {done}/{opts.jobs}   outputs re-derived and compared: {checked}, "
+        f"tampered or wrong in trusted storage: {len(bad)}   wall time: {elapsed:.0f} s"
+    )
+    console.print(f"HTML report: {html}")
+    gw.close()
+    ok = done == opts.jobs and not bad
+    if not ok:
+        console.print(f"[red]demo FAILED[/red]: states {states}; bad outputs {bad[:5]}")
+    return 0 if ok else 1
