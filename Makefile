@@ -17,6 +17,8 @@ venv: $(STAMP)
 
 ## make demo: the whole system on the embedded default (SQLite and local folders)
 demo: $(STAMP)
+	@dpkg -s bubblewrap >/dev/null 2>&1 || $(MAKE) --no-print-directory APT_PACKAGES=bubblewrap system-deps \
+	  || echo "bubblewrap could not be installed: the demo's agents will run unsandboxed"
 	$(BIN)/airlock demo
 
 ## system packages the tests use (bubblewrap for the sandbox, PostgreSQL for the second backend)

@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if ns.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not ns.verbose:  # per-request and per-migration lines are noise for an operator
+        for noisy in ("httpx", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     from airlock.core.errors import AirlockError
     from airlock.operator_client import OperatorError
 

@@ -128,6 +128,9 @@ class Demo:
             "AIRLOCK_LOOP_INTERVAL_S": "0.3",
             "AIRLOCK_RETRY_AFTER_S": "2",
             "AIRLOCK_QUARANTINE_RETENTION_S": "0",
+            # BOINC's per-host daily quota, set so that a broken host is cut off after ~20 bad results
+            # while an honest one (~50 tasks in this demo) never meets it
+            "AIRLOCK_DAILY_QUOTA_PER_CORE": "30",
         }
         if opts.database_url:
             self.env["AIRLOCK_DATABASE_URL"] = opts.database_url
@@ -261,7 +264,7 @@ class Demo:
 
 
 def run_demo(opts: DemoOptions) -> int:
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     demo = Demo(opts, console)
     started = time.monotonic()
     gw = demo.prepare()
