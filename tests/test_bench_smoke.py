@@ -1,0 +1,51 @@
+"""The dispatch benchmark runs end to end against a real `airlock serve` (a short run, not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAST_LINE = re.compile(r"^dispatch: (\d+) cycles/s, (\d+\.\d{3}) of baseline, p99 (\d+) ms$")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_dispatch_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "dispatch.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "dispatch.py"),
+            "--seconds",
+            "2",
+            "--hosts",
+            "4",
+            "--warmup",
+            "0.5",
+            "--settle",
+            "0",
+            "--jobs",
+            "2000",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=REPO,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
+    m = LAST_LINE.match(lines[-1])
+    assert m, f"unexpected last line {lines[-1]!r}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert int(m.group(1)) > 0, proc.stdout[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["cycles"] > 0
+    assert figures["errors"] == 0 and figures["baseline_errors"] == 0, figures["error_samples"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
