@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -20,6 +21,7 @@ from airlock.service import BackgroundLoops
 from airlock.storage.base import StorageError
 
 log = logging.getLogger("airlock.api")
+THREADS = 8
 
 
 def _error(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
@@ -45,6 +47,8 @@ def create_app(gw: Gateway, *, background: bool | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Few threads: the work they do is short and mostly holds the GIL; many only thrash it.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         loops = BackgroundLoops(gw) if run_loops else None
         if loops:
             loops.start()

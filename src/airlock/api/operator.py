@@ -22,7 +22,7 @@ from airlock.core.schemas import (
 from airlock.credentials import accounts
 from airlock.db.engine import read
 from airlock.generator.inputs import receive_input, register_input
-from airlock.generator.submit import parse_batch, submit_batch
+from airlock.generator.submit import parse_batch, refresh_statistics, submit_batch
 from airlock.reporter import views
 from airlock.scheduler.replication import cancel_job
 
@@ -46,7 +46,9 @@ def submit(gw: GatewayDep, who: Operator, body: dict[str, Any]) -> BatchCreated:
     """Submit a batch (the job description as JSON; `airlock submit` reads YAML). See `BatchSpec`."""
     spec = parse_batch(body)
     with gw.engine.begin() as conn:
-        return submit_batch(conn, spec, actor=who)
+        created = submit_batch(conn, spec, actor=who)
+    refresh_statistics(gw.engine, len(created.jobs))
+    return created
 
 
 @router.get("/batches")

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
@@ -24,7 +24,7 @@ from airlock.core.states import FileState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import read, utcnow
 from airlock.db.transitions import record_event
 from airlock.scheduler.leases import lease_is_live
 from airlock.storage.base import AlreadyExists, Storage
@@ -53,6 +53,21 @@ def output_key(volunteer_id: int, task_id: int, name: str) -> str:
     return f"quarantine/{volunteer_id}/{task_id}/{name}"
 
 
+_TASK_FOR_UPLOAD = (
+    select(
+        schema.tasks.c.state,
+        schema.tasks.c.volunteer_id,
+        schema.tasks.c.host_id,
+        schema.tasks.c.lease_expires_at,
+        schema.tasks.c.deadline,
+        schema.tasks.c.job_id,
+        schema.jobs.c.spec,
+    )
+    .join(schema.jobs, schema.jobs.c.id == schema.tasks.c.job_id)
+    .where(schema.tasks.c.id == bindparam("task"))
+)
+
+
 def authorise_upload(
     conn: Connection, claims: Claims, volunteer_id: int, task_id: int, name: str
 ) -> UploadTarget:
@@ -65,14 +80,7 @@ def authorise_upload(
     if claims.volunteer_id != volunteer_id or not allows_create(claims, path):
         raise Forbidden(f"this token does not allow creating {path}")
     require_active(conn, volunteer_id)
-    t, j = schema.tasks, schema.jobs
-    row = conn.execute(
-        select(
-            t.c.state, t.c.volunteer_id, t.c.host_id, t.c.lease_expires_at, t.c.deadline, t.c.job_id, j.c.spec
-        )
-        .join(j, j.c.id == t.c.job_id)
-        .where(t.c.id == task_id)
-    ).one_or_none()
+    row = conn.execute(_TASK_FOR_UPLOAD, {"task": task_id}).one_or_none()
     if row is None:
         raise NotFound(f"no task {task_id}")
     if row.volunteer_id != volunteer_id:
@@ -154,7 +162,7 @@ async def receive_upload(
         raise Unauthorized("an upload needs the task's upload token (Authorization: Bearer ...)")
 
     def _authorise() -> UploadTarget:
-        with engine.begin() as conn:
+        with read(engine) as conn:
             return authorise_upload(conn, claims, volunteer_id, task_id, name)
 
     target = await run_in_threadpool(_authorise)

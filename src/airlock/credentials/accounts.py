@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from airlock.core.errors import Conflict, Forbidden, NotFound, Unauthorized
@@ -47,12 +47,13 @@ def register_volunteer(
     return VolunteerView(id=vid, name=name, state=VolunteerState.ACTIVE.value, created_at=now)
 
 
+_VOLUNTEER_STATE = select(schema.volunteers.c.state).where(schema.volunteers.c.id == bindparam("id"))
+
+
 def require_active(conn: Connection, volunteer_id: int) -> None:
     """Every volunteer request checks this inside its own transaction: a block takes effect at once,
     whatever tokens the volunteer still holds."""
-    state = conn.execute(
-        select(schema.volunteers.c.state).where(schema.volunteers.c.id == volunteer_id)
-    ).scalar_one_or_none()
+    state = conn.execute(_VOLUNTEER_STATE, {"id": volunteer_id}).scalar_one_or_none()
     if state is None:
         raise Unauthorized("unknown volunteer")
     if state != VolunteerState.ACTIVE.value:

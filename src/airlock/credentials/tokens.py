@@ -7,6 +7,7 @@ the upload token by itself; the embedded bridge enforces the same rules.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from airlock.db import schema
 WLCG_VERSION = "1.0"
 COMPUTE_SCOPES = ("compute.read", "compute.modify", "compute.create")
 ALGORITHM = "ES256"
+LEEWAY_S = 5
+VERIFIED_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class TokenIssuer:
         self.audience = audience or issuer
         self.keys = keys
         self._by_kid = {k.kid: k.public for k in keys}
+        self._verified: dict[str, Claims] = {}
 
     @property
     def current(self) -> SigningKey:
@@ -84,7 +88,25 @@ class TokenIssuer:
         return Issued(token, jti, scope, now, now + ttl)
 
     def verify(self, token: str) -> Claims:
-        """Check signature, issuer, audience and lifetime; refuse anything but ES256 with a known kid."""
+        """Check signature, issuer, audience and lifetime; refuse anything but ES256 with a known kid.
+
+        A token that verified once is remembered until it expires (its signature cannot change), so an
+        agent's access token costs one ECDSA verification, not one per request. Lifetime is checked on
+        every call; whether the volunteer is still active is checked by each operation."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            now = time.time()
+            if cached.expires + LEEWAY_S < now:
+                self._verified.pop(token, None)
+                raise Unauthorized("token has expired")
+            return cached
+        claims = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -102,7 +124,7 @@ class TokenIssuer:
                 audience=self.audience,
                 issuer=self.issuer,
                 options={"require": ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]},
-                leeway=5,
+                leeway=LEEWAY_S,
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("token has expired") from exc
@@ -133,17 +155,21 @@ def allows_create(claims: Claims, path: str) -> bool:
     return False
 
 
+_INSERT_CREDENTIAL = insert(schema.credentials)
+
+
 def record_credential(
     conn: Connection, issued: Issued, kind: str, volunteer_id: int, task_id: int | None = None
 ) -> None:
     conn.execute(
-        insert(schema.credentials).values(
-            jti=issued.jti,
-            kind=kind,
-            volunteer_id=volunteer_id,
-            task_id=task_id,
-            scope=issued.scope,
-            not_before=issued.not_before,
-            not_after=issued.not_after,
-        )
+        _INSERT_CREDENTIAL,
+        {
+            "jti": issued.jti,
+            "kind": kind,
+            "volunteer_id": volunteer_id,
+            "task_id": task_id,
+            "scope": issued.scope,
+            "not_before": issued.not_before,
+            "not_after": issued.not_after,
+        },
     )

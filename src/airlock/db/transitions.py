@@ -1,15 +1,17 @@
 """Apply a state transition as part of the caller's transaction, with its audit Event.
 
 The legal transitions live in `airlock.core.states`; this module is the only place that writes a state
-column, so a transition that is not listed there cannot happen.
+column, so a transition that is not listed there cannot happen. Statements are built once per shape and
+reused: these run on every dispatch, upload and report.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, update
+from sqlalchemy import Connection, Table, Update, bindparam, insert, update
 
 from airlock.core.errors import IllegalTransition
 from airlock.core.states import (
@@ -32,20 +34,32 @@ _MACHINES: dict[str, tuple[Table, dict[Any, frozenset[Any]]]] = {
     "file": (schema.files, FILE_TRANSITIONS),
 }
 _ENTITY = {JobState: "job", TaskState: "task", VolunteerState: "volunteer", FileState: "file"}
+_INSERT_EVENT = insert(schema.events)
 
 
 def record_event(
     conn: Connection, actor: str, action: str, object_type: str, object_id: int, detail: Any = None
 ) -> None:
     conn.execute(
-        insert(schema.events).values(
-            at=utcnow(),
-            actor=actor,
-            action=action,
-            object_type=object_type,
-            object_id=object_id,
-            detail=detail,
-        )
+        _INSERT_EVENT,
+        {
+            "at": utcnow(),
+            "actor": actor,
+            "action": action,
+            "object_type": object_type,
+            "object_id": object_id,
+            "detail": detail,
+        },
+    )
+
+
+@lru_cache(maxsize=512)
+def _statement(entity: str, target: str, legal: tuple[str, ...], columns: tuple[str, ...]) -> Update:
+    table = _MACHINES[entity][0]
+    return (
+        update(table)
+        .where(table.c.id == bindparam("_id"), table.c.state.in_(legal))
+        .values(state=target, **{c: bindparam(f"_v_{c}") for c in columns})
     )
 
 
@@ -66,18 +80,15 @@ def transition(
     The caller decides whether a False is an error (see `require_transition`).
     """
     entity = _ENTITY[type(target)]
-    table, machine = _MACHINES[entity]
-    legal = machine.get(target, frozenset())
+    legal = _MACHINES[entity][1].get(target, frozenset())
     if only_from is not None:
         legal = legal & only_from
     if not legal:
         raise IllegalTransition(f"{entity} can never enter state {target.value!r} this way")
-    stmt = (
-        update(table)
-        .where(table.c.id == object_id, table.c.state.in_([s.value for s in legal]))
-        .values(state=target.value, **(values or {}))
-    )
-    if conn.execute(stmt).rowcount != 1:
+    values = values or {}
+    stmt = _statement(entity, target.value, tuple(sorted(s.value for s in legal)), tuple(sorted(values)))
+    params = {"_id": object_id, **{f"_v_{k}": v for k, v in values.items()}}
+    if conn.execute(stmt, params).rowcount != 1:
         return False
     record_event(conn, actor, action or f"{entity}.{target.value}", entity, object_id, detail)
     return True

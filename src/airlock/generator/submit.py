@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, Engine, insert, select, text
 
 from airlock.core.errors import BadInput
 from airlock.core.schemas import BatchCreated, BatchSpec, JobSpec, merge_defaults
@@ -130,3 +130,16 @@ def submit_batch(conn: Connection, spec: BatchSpec, actor: str) -> BatchCreated:
     )
     record_event(conn, actor, "batch.submitted", "batch", batch_id, {"jobs": len(job_ids), "name": spec.name})
     return BatchCreated(batch_id=batch_id, jobs=job_ids)
+
+
+ANALYZE_AFTER_JOBS = 500
+
+
+def refresh_statistics(engine: Engine, n_jobs: int) -> None:
+    """After a large submission on PostgreSQL, refresh the planner's statistics at once: with a freshly
+    filled `tasks` table it would otherwise think there are a handful of ready tasks and sort them all
+    on every work request until autovacuum catches up."""
+    if n_jobs >= ANALYZE_AFTER_JOBS and engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("ANALYZE tasks, jobs"))
+            conn.commit()

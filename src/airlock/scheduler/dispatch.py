@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, insert, select, update
 from sqlalchemy.orm import aliased
 
 from airlock.config import Settings
@@ -20,7 +20,7 @@ from airlock.core.schemas import (
     WorkReply,
     WorkRequest,
 )
-from airlock.core.states import JobState, TaskState
+from airlock.core.states import JobState, TaskState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import TokenIssuer, quarantine_path, record_credential
 from airlock.db import schema
@@ -57,20 +57,60 @@ def register_host(
     return HostRegistered(host_id=host_id, daily_quota=settings.daily_quota_per_core)
 
 
+_T, _J = schema.tasks, schema.jobs
+_MINE = aliased(schema.tasks)
+_CANDIDATES = (
+    select(
+        _T.c.id,
+        _T.c.job_id,
+        _J.c.state.label("job_state"),
+        _J.c.spec,
+        _J.c.app,
+        _J.c.cores,
+        _J.c.memory_mb,
+        _J.c.disk_mb,
+        _J.c.deadline_s,
+    )
+    .join(_J, _J.c.id == _T.c.job_id)
+    .where(
+        _T.c.state == TaskState.READY.value,
+        _J.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.VALIDATING.value]),
+        _J.c.cores <= bindparam("cores"),
+        _J.c.memory_mb <= bindparam("memory"),
+        _J.c.disk_mb <= bindparam("disk"),
+        ~exists().where(and_(_MINE.c.job_id == _T.c.job_id, _MINE.c.volunteer_id == bindparam("volunteer"))),
+    )
+    .order_by(_T.c.id)
+    .limit(bindparam("limit"))
+)
+_CANDIDATES_LOCKING = _CANDIDATES.with_for_update(of=_T, skip_locked=True)
+_HOST_AND_OWNER = (
+    select(schema.hosts, schema.volunteers.c.state.label("volunteer_state"))
+    .join(schema.volunteers, schema.volunteers.c.id == schema.hosts.c.volunteer_id)
+    .where(schema.hosts.c.id == bindparam("host"))
+)
+_TOUCH_HOST = (
+    update(schema.hosts)
+    .where(schema.hosts.c.id == bindparam("host"))
+    .values(last_seen=bindparam("now"), quota_day=bindparam("day"), dispatched_today=bindparam("used"))
+)
+
+
 def own_host(conn: Connection, volunteer_id: int, host_id: int) -> Any:
-    h = schema.hosts
-    host = conn.execute(select(h).where(h.c.id == host_id)).one_or_none()
+    """The host row, if it is this (active) volunteer's: one query for both checks."""
+    host = conn.execute(_HOST_AND_OWNER, {"host": host_id}).one_or_none()
     if host is None:
         raise NotFound(f"no host {host_id}")
     if host.volunteer_id != volunteer_id:
         raise Forbidden(f"host {host_id} belongs to another volunteer")
+    if host.volunteer_state != VolunteerState.ACTIVE.value:
+        raise Forbidden("this volunteer account is blocked")
     return host
 
 
 def request_work(
     conn: Connection, settings: Settings, issuer: TokenIssuer, volunteer_id: int, req: WorkRequest
 ) -> WorkReply:
-    require_active(conn, volunteer_id)
     host = own_host(conn, volunteer_id, req.host_id)
     now = utcnow()
     allowed = remaining(host.daily_quota, host.cores, host.quota_day, host.dispatched_today, now)
@@ -86,36 +126,17 @@ def request_work(
     cores = min(host.cores, req.free_cores if req.free_cores is not None else host.cores)
     memory = min(host.memory_mb, req.free_memory_mb if req.free_memory_mb is not None else host.memory_mb)
     disk = min(host.disk_mb, req.free_disk_mb if req.free_disk_mb is not None else host.disk_mb)
-
-    t, j = schema.tasks, schema.jobs
-    mine = aliased(schema.tasks)
-    query = (
-        select(
-            t.c.id,
-            t.c.job_id,
-            j.c.state.label("job_state"),
-            j.c.spec,
-            j.c.app,
-            j.c.cores,
-            j.c.memory_mb,
-            j.c.disk_mb,
-            j.c.deadline_s,
-        )
-        .join(j, j.c.id == t.c.job_id)
-        .where(
-            t.c.state == TaskState.READY.value,
-            j.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.VALIDATING.value]),
-            j.c.cores <= cores,
-            j.c.memory_mb <= memory,
-            j.c.disk_mb <= disk,
-            ~exists().where(and_(mine.c.job_id == t.c.job_id, mine.c.volunteer_id == volunteer_id)),
-        )
-        .order_by(t.c.id)
-        .limit(wanted * CANDIDATES_PER_SLOT)
-    )
-    if not is_sqlite(conn):
-        query = query.with_for_update(of=t, skip_locked=True)
-    candidates = conn.execute(query).all()
+    query = _CANDIDATES if is_sqlite(conn) else _CANDIDATES_LOCKING
+    candidates = conn.execute(
+        query,
+        {
+            "cores": cores,
+            "memory": memory,
+            "disk": disk,
+            "volunteer": volunteer_id,
+            "limit": wanted * CANDIDATES_PER_SLOT,
+        },
+    ).all()
 
     assignments: list[TaskAssignment] = []
     jobs_taken: set[int] = set()
@@ -153,11 +174,7 @@ def request_work(
         )
 
     used = (host.dispatched_today if host.quota_day == today(now) else 0) + len(assignments)
-    conn.execute(
-        update(schema.hosts)
-        .where(schema.hosts.c.id == host.id)
-        .values(last_seen=now, quota_day=today(now), dispatched_today=used)
-    )
+    conn.execute(_TOUCH_HOST, {"host": host.id, "now": now, "day": today(now), "used": used})
     return WorkReply(
         tasks=assignments,
         retry_after_s=0 if assignments else settings.retry_after_s,

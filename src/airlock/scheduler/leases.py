@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, or_, select, update
 
 from airlock.config import Settings
 from airlock.core.errors import Forbidden, Gone, NotFound
@@ -18,11 +18,12 @@ from airlock.db.transitions import transition
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
 
+_TASK = select(schema.tasks).where(schema.tasks.c.id == bindparam("id"))
+
 
 def own_task(conn: Connection, volunteer_id: int, host_id: int, task_id: int) -> Any:
     """The task row if this volunteer's host holds it; Forbidden for anyone else's task."""
-    t = schema.tasks
-    task = conn.execute(select(t).where(t.c.id == task_id)).one_or_none()
+    task = conn.execute(_TASK, {"id": task_id}).one_or_none()
     if task is None:
         raise NotFound(f"no task {task_id}")
     if task.volunteer_id != volunteer_id:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from airlock.core.states import JOB_FINAL, JobState, TaskState
 from airlock.db import schema
@@ -21,19 +21,26 @@ from airlock.scheduler.quota import record_outcome
 IN_FLIGHT = {TaskState.READY.value, TaskState.LEASED.value, TaskState.REPORTED.value}
 
 
+_JOB = select(
+    schema.jobs.c.state,
+    schema.jobs.c.quorum,
+    schema.jobs.c.attempts,
+    schema.jobs.c.max_attempts,
+    schema.jobs.c.canonical_task_id,
+).where(schema.jobs.c.id == bindparam("id"))
+_TASKS = (
+    select(schema.tasks.c.id, schema.tasks.c.state, schema.tasks.c.agreement, schema.tasks.c.host_id)
+    .where(schema.tasks.c.job_id == bindparam("id"))
+    .order_by(schema.tasks.c.id)
+)
+
+
 def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | None = None) -> str:
     """Bring a job's state in line with its tasks, in the caller's transaction. Returns the job state."""
-    j, t = schema.jobs, schema.tasks
-    job = conn.execute(
-        select(j.c.state, j.c.quorum, j.c.attempts, j.c.max_attempts, j.c.canonical_task_id).where(
-            j.c.id == job_id
-        )
-    ).one()
+    job = conn.execute(_JOB, {"id": job_id}).one()
     if job.state in JOB_FINAL or job.state == JobState.ASSIMILATING.value:
         return str(job.state)
-    tasks = conn.execute(
-        select(t.c.id, t.c.state, t.c.agreement, t.c.host_id).where(t.c.job_id == job_id).order_by(t.c.id)
-    ).all()
+    tasks = conn.execute(_TASKS, {"id": job_id}).all()
     groups: dict[str, list[Any]] = defaultdict(list)
     for task in tasks:
         if task.state == TaskState.VALID.value:

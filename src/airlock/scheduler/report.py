@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from airlock.core.errors import BadInput, Conflict, Gone
 from airlock.core.schemas import ReportAccepted, TaskReport
@@ -17,6 +17,9 @@ from airlock.scheduler.replication import settle_job
 _DONE = {TaskState.REPORTED.value, TaskState.VALID.value, TaskState.INVALID.value, TaskState.ERROR.value}
 
 
+_JOB_SPEC = select(schema.jobs.c.spec).where(schema.jobs.c.id == bindparam("id"))
+
+
 def report_task(conn: Connection, volunteer_id: int, task_id: int, report: TaskReport) -> ReportAccepted:
     require_active(conn, volunteer_id)
     task = own_task(conn, volunteer_id, report.host_id, task_id)
@@ -27,7 +30,7 @@ def report_task(conn: Connection, volunteer_id: int, task_id: int, report: TaskR
         raise Gone(f"task {task_id} was aborted (its job was cancelled or finished)")
     if not lease_is_live(task, now):
         raise Gone(f"the lease on task {task_id} has expired; the task was given to another host")
-    spec = conn.execute(select(schema.jobs.c.spec).where(schema.jobs.c.id == task.job_id)).scalar_one()
+    spec = conn.execute(_JOB_SPEC, {"id": task.job_id}).scalar_one()
     declared = {o["name"] for o in spec["outputs"]}
     names = [o.name for o in report.outputs]
     unknown = sorted(set(names) - declared)

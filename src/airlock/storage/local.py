@@ -31,7 +31,14 @@ class PendingFile:
         self._storage, self._tmp, self._final, self.digest = storage, tmp, final, digest
 
     def publish(self, key: str | None = None) -> None:
+        """Blocking (fsync): call it from a worker thread, not the event loop."""
         final = self._final if key is None else self._storage.path(key)
+        if self._storage.fsync:
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         final.parent.mkdir(parents=True, exist_ok=True)
         self._storage._publish(self._tmp, final)
 
@@ -83,9 +90,6 @@ class LocalStorage:
                         raise TooLarge(f"upload exceeds the declared maximum of {max_size} bytes")
                     digest.update(chunk)
                     fh.write(chunk)
-                fh.flush()
-                if self.fsync:
-                    os.fsync(fh.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
