@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import random
 import signal
 import sys
@@ -68,7 +69,13 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the agent's options to a (sub)parser."""
     parser.add_argument("--server", required=True, help="the Airlock server's base URL")
     parser.add_argument("--user", required=True, help="volunteer name")
-    parser.add_argument("--password", required=True, help="volunteer password")
+    parser.add_argument(
+        "--password",
+        default=None,
+        help="volunteer password (visible to other local users in the process list: prefer "
+        "--password-file or the AIRLOCK_PASSWORD environment variable)",
+    )
+    parser.add_argument("--password-file", type=Path, default=None, help="read the password from this file")
     parser.add_argument("--slots", type=int, default=1, help="tasks run at once (default 1)")
     parser.add_argument(
         "--work-dir",
@@ -93,11 +100,22 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--misbehave", choices=MODES, default=None, help=argparse.SUPPRESS)
 
 
+def _password(ns: argparse.Namespace) -> str:
+    if ns.password_file is not None:
+        return str(ns.password_file.read_text().strip())
+    if ns.password:
+        return str(ns.password)
+    env = os.environ.get("AIRLOCK_PASSWORD")
+    if env:
+        return env
+    raise SystemExit("airlock agent: give --password-file, AIRLOCK_PASSWORD or --password")
+
+
 def options_from_args(ns: argparse.Namespace) -> AgentOptions:
     return AgentOptions(
         server=ns.server,
         user=ns.user,
-        password=ns.password,
+        password=_password(ns),
         slots=ns.slots,
         work_dir=ns.work_dir,
         no_sandbox=ns.no_sandbox,

@@ -203,8 +203,6 @@ class Demo:
                 self.url,
                 "--user",
                 name,
-                "--password",
-                PASSWORD,
                 "--slots",
                 "1",
                 "--work-dir",
@@ -219,7 +217,7 @@ class Demo:
             if role != "honest":
                 cmd += ["--misbehave", role]
             log = (self.root / "logs" / f"agent-{name}.log").open("wb")
-            self.agents.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            self.agents.append(subprocess.Popen(cmd, env={**self.env, "AIRLOCK_PASSWORD": PASSWORD}, stdout=log, stderr=subprocess.STDOUT))
             pool.append((name, role))
         return pool
 
