@@ -17,9 +17,11 @@ from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.storage.base import Storage
+from airlock.storage.local import LocalStorage
 
 log = logging.getLogger("airlock.janitor")
 ACTOR = "system:janitor"
+PARTIAL_MAX_AGE_S = 3600  # far longer than any upload in progress takes
 _BAD = [TaskState.INVALID.value, TaskState.ERROR.value, TaskState.LOST.value, TaskState.ABORTED.value]
 
 
@@ -43,6 +45,9 @@ def sweep_quarantine(engine: Engine, quarantine: Storage, settings: Settings, *,
         quarantine.delete(location)
         with engine.begin() as conn:
             transition(conn, FileState.DELETED, fid, ACTOR, detail={"reason": "retention over"})
-    if rows:
-        log.info("janitor removed %d quarantined files", len(rows))
-    return len(rows)
+    partials = 0
+    if isinstance(quarantine, LocalStorage):
+        partials = quarantine.sweep_partials("quarantine", PARTIAL_MAX_AGE_S)
+    if rows or partials:
+        log.info("janitor removed %d quarantined files and %d partial uploads", len(rows), partials)
+    return len(rows) + partials

@@ -217,7 +217,11 @@ class Demo:
             if role != "honest":
                 cmd += ["--misbehave", role]
             log = (self.root / "logs" / f"agent-{name}.log").open("wb")
-            self.agents.append(subprocess.Popen(cmd, env={**self.env, "AIRLOCK_PASSWORD": PASSWORD}, stdout=log, stderr=subprocess.STDOUT))
+            self.agents.append(
+                subprocess.Popen(
+                    cmd, env={**self.env, "AIRLOCK_PASSWORD": PASSWORD}, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
             pool.append((name, role))
         return pool
 

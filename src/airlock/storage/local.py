@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path, PurePosixPath
@@ -163,5 +163,17 @@ class LocalStorage:
                     continue
                 yield Path(dirpath, n).relative_to(self.root).as_posix()
 
-    def remove_tree(self, prefix: str) -> None:
-        shutil.rmtree(self.path(prefix), ignore_errors=True)
+    def sweep_partials(self, prefix: str, older_than_s: float) -> int:
+        """Delete temporary files of uploads that died half-way (a crash, a dropped connection)."""
+        base = self.path(prefix)
+        if not base.exists():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for dirpath, _dirs, names in os.walk(base):
+            for n in names:
+                p = Path(dirpath, n)
+                if PARTIAL in n and p.stat().st_mtime < cutoff:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed

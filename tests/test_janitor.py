@@ -1,0 +1,53 @@
+"""The janitor: quarantine leftovers go after the retention period, and only leftovers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from airlock.assimilator.janitor import sweep_quarantine
+from airlock.db import schema
+
+from .helpers import Api, job
+
+
+def test_rejected_output_is_kept_for_retention_then_deleted(api: Api) -> None:
+    api.submit(job("x", max_attempts=3))
+    v = api.volunteer()
+    (t,) = v.work()
+    v.complete(t, data=b"bad", exit_code=1)  # an error: its upload is a leftover
+    api.settle()
+    key = f"quarantine/{v.id}/{t['task_id']}/out.txt"
+    s = api.gw.settings
+    s.quarantine_retention_s = 3600
+    assert sweep_quarantine(api.gw.engine, api.gw.quarantine, s) == 0
+    assert api.gw.quarantine.exists(key)
+    s.quarantine_retention_s = 0
+    assert sweep_quarantine(api.gw.engine, api.gw.quarantine, s) == 1
+    assert not api.gw.quarantine.exists(key)
+    f = schema.files
+    assert api.count(f, f.c.kind == "output", f.c.state == "deleted") == 1
+
+
+def test_output_of_a_running_job_is_never_swept(api: Api) -> None:
+    (jid,) = api.submit(job("x", copies=2, quorum=2))["jobs"]
+    a = api.volunteer()
+    (t,) = a.work()
+    a.complete(t)
+    api.settle()  # valid, waiting for the second copy
+    api.gw.settings.quarantine_retention_s = 0
+    assert sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings) == 0
+    assert api.gw.quarantine.exists(f"quarantine/{a.id}/{t['task_id']}/out.txt")
+    assert api.job(jid)["state"] == "running"
+
+
+def test_stale_partial_uploads_are_removed(api: Api) -> None:
+    root = api.gw.settings.storage_dir / "quarantine" / "9" / "9"
+    root.mkdir(parents=True)
+    stale, fresh = root / ".out.txt.partial-aaa", root / ".out.txt.partial-bbb"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    assert sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings) == 1
+    assert not stale.exists() and fresh.exists()
