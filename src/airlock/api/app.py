@@ -18,7 +18,7 @@ from airlock.api import bridge, operator, volunteer
 from airlock.context import Gateway
 from airlock.core.errors import AirlockError
 from airlock.service import BackgroundLoops
-from airlock.storage.base import StorageError
+from airlock.storage.base import AlreadyExists, StorageError
 
 log = logging.getLogger("airlock.api")
 THREADS = 8
@@ -83,6 +83,10 @@ def create_app(gw: Gateway, *, background: bool | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(AlreadyExists)
+    async def _exists(request: Request, exc: AlreadyExists) -> JSONResponse:
+        return _error(409, "conflict", str(exc))
 
     @app.exception_handler(StorageError)
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from airlock.api.deps import Credentials, GatewayDep
+from airlock.api.deps import Credentials, GatewayDep, PathId
 from airlock.bridge.quarantine import receive_upload
 from airlock.core.errors import AirlockError
 from airlock.core.schemas import UploadAccepted
@@ -22,7 +22,7 @@ REFUSED = ["GET", "HEAD", "DELETE", "POST", "PATCH", "OPTIONS", "MOVE", "COPY", 
     responses={200: {"model": UploadAccepted, "description": "the identical bytes were already stored"}},
 )
 async def upload(
-    gw: GatewayDep, creds: Credentials, request: Request, volunteer_id: int, task_id: int, name: str
+    gw: GatewayDep, creds: Credentials, request: Request, volunteer_id: PathId, task_id: PathId, name: str
 ) -> Response:
     """Upload one declared output of a task (create-only). Needs the task's upload token and a
     `Digest: adler32=<hex>,sha-256=<base64>` header; the body streams to disk."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from airlock.context import Gateway
 from airlock.core.errors import Unauthorized
+from airlock.core.schemas import INT32
 from airlock.credentials.tokens import Claims, require_compute
 
 bearer = HTTPBearer(auto_error=False, description="operator token or volunteer access token")
@@ -57,3 +58,6 @@ def volunteer_or_operator(gw: GatewayDep, creds: Credentials) -> Claims | str:
 Operator = Annotated[str, Depends(operator)]
 Volunteer = Annotated[Claims, Depends(volunteer)]
 Reader = Annotated[Claims | str, Depends(volunteer_or_operator)]
+
+# Object ids in paths: bounded like the columns they name, so an absurd id is a 422, not a database error.
+PathId = Annotated[int, Path(ge=1, le=INT32)]

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from airlock.api.deps import GatewayDep, Operator
+from airlock.api.deps import GatewayDep, Operator, PathId
 from airlock.core.errors import Conflict, NotFound
 from airlock.core.schemas import (
+    INT32,
     BatchCreated,
     BatchView,
     HostView,
@@ -58,13 +59,13 @@ def batches(gw: GatewayDep, who: Operator) -> list[BatchView]:
 
 
 @router.get("/batches/{batch_id}")
-def batch(gw: GatewayDep, who: Operator, batch_id: int) -> BatchView:
+def batch(gw: GatewayDep, who: Operator, batch_id: PathId) -> BatchView:
     with read(gw.engine) as conn:
         return views.get_batch(conn, batch_id)
 
 
 @router.post("/batches/{batch_id}/cancel")
-def cancel_batch(gw: GatewayDep, who: Operator, batch_id: int) -> dict[str, int]:
+def cancel_batch(gw: GatewayDep, who: Operator, batch_id: PathId) -> dict[str, int]:
     with gw.engine.begin() as conn:
         views.get_batch(conn, batch_id)
         ids = [j.id for j in views.list_jobs(conn, batch_id, None, 1_000_000, 0)]
@@ -76,7 +77,7 @@ def cancel_batch(gw: GatewayDep, who: Operator, batch_id: int) -> dict[str, int]
 def jobs(
     gw: GatewayDep,
     who: Operator,
-    batch_id: int | None = None,
+    batch_id: int | None = Query(default=None, ge=1, le=INT32),
     state: str | None = None,
     limit: int = Query(default=1000, ge=1, le=100_000),
     offset: int = Query(default=0, ge=0),
@@ -86,13 +87,13 @@ def jobs(
 
 
 @router.get("/jobs/{job_id}")
-def job(gw: GatewayDep, who: Operator, job_id: int) -> JobView:
+def job(gw: GatewayDep, who: Operator, job_id: PathId) -> JobView:
     with read(gw.engine) as conn:
         return views.get_job(conn, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(gw: GatewayDep, who: Operator, job_id: int) -> JobView:
+def cancel(gw: GatewayDep, who: Operator, job_id: PathId) -> JobView:
     with gw.engine.begin() as conn:
         current = views.get_job(conn, job_id)
         if not cancel_job(conn, job_id, who):
@@ -101,7 +102,7 @@ def cancel(gw: GatewayDep, who: Operator, job_id: int) -> JobView:
 
 
 @router.get("/jobs/{job_id}/outputs/{name}", response_class=FileResponse)
-def output(gw: GatewayDep, who: Operator, job_id: int, name: str) -> FileResponse:
+def output(gw: GatewayDep, who: Operator, job_id: PathId, name: str) -> FileResponse:
     """A validated output, from trusted storage."""
     with read(gw.engine) as conn:
         row = views.trusted_output(conn, job_id, name)
@@ -129,14 +130,14 @@ def volunteers(gw: GatewayDep, who: Operator) -> list[VolunteerView]:
 
 
 @router.post("/volunteers/{volunteer_id}/block")
-def block(gw: GatewayDep, who: Operator, volunteer_id: int) -> dict[str, str]:
+def block(gw: GatewayDep, who: Operator, volunteer_id: PathId) -> dict[str, str]:
     with gw.engine.begin() as conn:
         accounts.block(conn, volunteer_id, who)
     return {"state": "blocked"}
 
 
 @router.post("/volunteers/{volunteer_id}/unblock")
-def unblock(gw: GatewayDep, who: Operator, volunteer_id: int) -> dict[str, str]:
+def unblock(gw: GatewayDep, who: Operator, volunteer_id: PathId) -> dict[str, str]:
     with gw.engine.begin() as conn:
         accounts.unblock(conn, volunteer_id, who)
     return {"state": "active"}
@@ -149,7 +150,9 @@ def hosts(gw: GatewayDep, who: Operator) -> list[HostView]:
 
 
 @router.get("/report")
-def report(gw: GatewayDep, who: Operator, batch_id: int | None = None) -> JSONResponse:
+def report(
+    gw: GatewayDep, who: Operator, batch_id: int | None = Query(default=None, ge=1, le=INT32)
+) -> JSONResponse:
     from airlock.reporter.report import build_report
 
     with read(gw.engine) as conn:

@@ -7,7 +7,7 @@ from datetime import timedelta
 from fastapi import APIRouter, status
 from fastapi.responses import FileResponse
 
-from airlock.api.deps import GatewayDep, Reader, Volunteer
+from airlock.api.deps import GatewayDep, PathId, Reader, Volunteer
 from airlock.core.errors import Forbidden, NotFound
 from airlock.core.schemas import (
     Heartbeat,
@@ -66,13 +66,13 @@ def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
 
 
 @router.post("/tasks/{task_id}/heartbeat")
-def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: int, body: Heartbeat) -> HeartbeatReply:
+def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
     with gw.engine.begin() as conn:
         return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id)
 
 
 @router.post("/tasks/{task_id}/report")
-def task_report(gw: GatewayDep, who: Volunteer, task_id: int, body: TaskReport) -> ReportAccepted:
+def task_report(gw: GatewayDep, who: Volunteer, task_id: PathId, body: TaskReport) -> ReportAccepted:
     with gw.engine.begin() as conn:
         return report_task(conn, who.volunteer_id, task_id, body)
 

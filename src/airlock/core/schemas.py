@@ -30,6 +30,12 @@ _UNITS = {
 }
 
 
+INT32 = 2**31 - 1  # INTEGER columns are 32-bit on PostgreSQL
+DbId = Annotated[int, Field(ge=1, le=INT32)]
+Count = Annotated[int, Field(ge=0, le=INT32)]
+Seconds = Annotated[float, Field(ge=0, le=10**9, allow_inf_nan=False)]
+
+
 def parse_size(value: int | str) -> int:
     """Accept 1048576, "10MB", "2 GiB", "512k"; return bytes."""
     if isinstance(value, bool):
@@ -106,10 +112,10 @@ class OutputSpec(Strict):
 
 class Resources(Strict):
     cores: int = Field(default=1, ge=1, le=256)
-    memory_mb: int = Field(default=512, ge=16)
-    disk_mb: int = Field(default=256, ge=1)
+    memory_mb: int = Field(default=512, ge=16, le=INT32)
+    disk_mb: int = Field(default=256, ge=1, le=INT32)
     runtime_s: int = Field(
-        default=3600, ge=1, description="estimated runtime; the sandbox's time limit is 4x this"
+        default=3600, ge=1, le=10**7, description="estimated runtime; the sandbox's time limit is 4x this"
     )
 
 
@@ -125,7 +131,9 @@ class JobSpec(Strict):
     copies: int = Field(default=1, ge=1, le=16, description="tasks issued at once, on distinct volunteers")
     quorum: int = Field(default=1, ge=1, le=16, description="agreeing valid results needed")
     max_attempts: int = Field(default=5, ge=1, le=100, description="tasks a job may use before it fails")
-    deadline_s: int = Field(default=86400, ge=10, description="report deadline of each task after its lease")
+    deadline_s: int = Field(
+        default=86400, ge=10, le=10**8, description="report deadline of each task after its lease"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="app parameters, seen by the validator")
 
     @model_validator(mode="after")
@@ -294,21 +302,21 @@ class HostRegistration(Strict):
     name: str | None = Field(default=None, max_length=128)
     platform: str = Field(min_length=1, max_length=64, examples=["x86_64-pc-linux-gnu"])
     cores: int = Field(ge=1, le=4096)
-    memory_mb: int = Field(ge=1)
-    disk_mb: int = Field(ge=1)
+    memory_mb: int = Field(ge=1, le=INT32)
+    disk_mb: int = Field(ge=1, le=INT32)
 
 
 class HostRegistered(BaseModel):
-    host_id: int
+    host_id: DbId
     daily_quota: int
 
 
 class WorkRequest(Strict):
-    host_id: int
+    host_id: DbId
     slots: int = Field(default=1, ge=1, le=64, description="how many tasks the host can start now")
-    free_cores: int | None = Field(default=None, ge=0)
-    free_memory_mb: int | None = Field(default=None, ge=0)
-    free_disk_mb: int | None = Field(default=None, ge=0)
+    free_cores: int | None = Field(default=None, ge=0, le=INT32)
+    free_memory_mb: int | None = Field(default=None, ge=0, le=INT32)
+    free_disk_mb: int | None = Field(default=None, ge=0, le=INT32)
 
 
 class InputRef(BaseModel):
@@ -347,7 +355,7 @@ class WorkReply(BaseModel):
 
 
 class Heartbeat(Strict):
-    host_id: int
+    host_id: DbId
 
 
 class HeartbeatReply(BaseModel):
@@ -357,18 +365,18 @@ class HeartbeatReply(BaseModel):
 
 class OutputReport(Strict):
     name: str
-    size: int = Field(ge=0)
-    adler32: str
-    sha256: str
+    size: int = Field(ge=0, le=2**62)
+    adler32: str = Field(pattern=r"^[0-9a-f]{8}$", description="8 lowercase hex digits")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex digits")
 
     _name = field_validator("name")(classmethod(lambda cls, v: check_file_name(v)))
 
 
 class TaskReport(Strict):
-    host_id: int
-    exit_code: int
-    cpu_time_s: float = Field(default=0.0, ge=0)
-    wall_time_s: float = Field(default=0.0, ge=0)
+    host_id: DbId
+    exit_code: int = Field(ge=-(2**31), le=INT32)
+    cpu_time_s: Seconds = 0.0
+    wall_time_s: Seconds = 0.0
     stderr_tail: Annotated[str, Field(max_length=65536)] = ""
     outputs: list[OutputReport] = Field(default_factory=list, max_length=256)
 

@@ -77,9 +77,7 @@ class LocalStorage:
             _fsync_dir(final.parent)
 
     async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> PendingFile:
-        final = self.path(key)
-        if final.exists():
-            raise AlreadyExists(f"{final.name} already exists")
+        final = self.path(key)  # whether `key` is taken is decided atomically by publish()
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._temp_for(final)
         digest = StreamingDigest()
