@@ -426,7 +426,42 @@ def test_bytes_changed_after_validation_never_reach_trusted_storage(api: Api) ->
     assert path is not None
     path.write_bytes(b"swapped in between\n")
     api.settle()
-    assert api.job(jid)["state"] != "done"
+    view = api.job(jid)
+    assert view["state"] == "running"  # not stuck in assimilating: the result was revoked
+    assert [x["state"] for x in view["tasks"]] == ["invalid", "ready"]
+    assert "no longer matches" in view["tasks"][0]["verdict"]
     assert_nothing_trusted(api, jid)
     root = api.gw.settings.storage_dir / "trusted"
     assert [p for p in root.rglob("*") if p.is_file()] == []  # no temporary copy left either
+    w = api.volunteer()
+    (t2,) = w.work()
+    finish(w, t2, {"out.txt": b"honest bytes\n"})
+    api.settle()
+    assert api.job(jid)["state"] == "done"
+    assert api.op("GET", f"/api/v1/jobs/{jid}/outputs/out.txt").content == b"honest bytes\n"
+
+
+def test_blocking_a_volunteer_withdraws_its_results_not_yet_in_trusted_storage(api: Api) -> None:
+    from airlock.validator.validate import validate_pending
+
+    (jid,) = api.submit(job("a", copies=2, quorum=2, max_attempts=4))["jobs"]
+    bad, good = api.volunteer(), api.volunteer()
+    (tb,) = bad.work()
+    finish(bad, tb, {"out.txt": b"same\n"})
+    validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings)  # valid, waiting for its pair
+    assert api.op("POST", f"/api/v1/volunteers/{bad.id}/block").status_code == 200
+    view = api.job(jid)
+    assert [(x["volunteer_id"], x["state"]) for x in view["tasks"]][:2] == [
+        (bad.id, "invalid"),
+        (None, "ready"),
+    ]
+    (tg,) = good.work()
+    finish(good, tg, {"out.txt": b"same\n"})
+    api.settle()
+    assert api.job(jid)["state"] == "running"  # the blocked volunteer's copy no longer counts
+    third = api.volunteer()
+    (tt,) = third.work()
+    finish(third, tt, {"out.txt": b"same\n"})
+    api.settle()
+    done = api.job(jid)
+    assert done["state"] == "done" and done["outputs"][0]["volunteer_id"] in {good.id, third.id}

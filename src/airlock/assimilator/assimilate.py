@@ -21,8 +21,8 @@ from airlock.core.states import FileState, JobState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
-from airlock.scheduler.replication import finish_values
-from airlock.storage.base import Storage
+from airlock.scheduler.replication import finish_values, revoke_result
+from airlock.storage.base import DigestMismatch, Storage
 
 log = logging.getLogger("airlock.assimilator")
 ACTOR = "system:assimilator"
@@ -50,7 +50,15 @@ def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id
         src = quarantine.local_path(out.location)
         if src is None:
             raise NotImplementedError("assimilating from remote quarantine")
-        trusted.copy_in(key, src, Digest(out.size, out.adler32, out.sha256))
+        try:
+            trusted.copy_in(key, src, Digest(out.size, out.adler32, out.sha256))
+        except (DigestMismatch, FileNotFoundError) as exc:
+            # The quarantined copy changed or vanished after validation: never assimilate it.
+            reason = f"{out.name} in quarantine no longer matches what was validated ({exc})"
+            log.error("job %s: %s; revoking task %s", job_id, reason, task.id)
+            with engine.begin() as conn:
+                revoke_result(conn, task.id, ACTOR, reason)
+            return False
         copied.append((out, key))
         crash_point("assimilate.after_copy")
 

@@ -46,7 +46,7 @@ J, T, V, F = JobState, TaskState, VolunteerState, FileState
 
 # target state -> states it may be entered from
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    J.RUNNING: frozenset({J.QUEUED, J.VALIDATING}),
+    J.RUNNING: frozenset({J.QUEUED, J.VALIDATING, J.ASSIMILATING}),  # from ASSIMILATING: result revoked
     J.VALIDATING: frozenset({J.RUNNING}),
     J.ASSIMILATING: frozenset({J.VALIDATING, J.RUNNING}),
     J.DONE: frozenset({J.ASSIMILATING}),

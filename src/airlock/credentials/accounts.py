@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from airlock.core.errors import Conflict, Forbidden, NotFound, Unauthorized
 from airlock.core.schemas import VolunteerView
-from airlock.core.states import TaskState, VolunteerState
+from airlock.core.states import JOB_FINAL, TaskState, VolunteerState
 from airlock.credentials.tokens import COMPUTE_SCOPES, Issued, TokenIssuer, record_credential
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
@@ -101,7 +101,7 @@ def block(conn: Connection, volunteer_id: int, actor: str, reason: str | None = 
         .where(schema.credentials.c.volunteer_id == volunteer_id)
         .values(revoked=True)
     )
-    from airlock.scheduler.replication import settle_job  # the scheduler owns reissue
+    from airlock.scheduler.replication import revoke_result, settle_job  # the scheduler owns reissue
 
     leased = conn.execute(
         select(schema.tasks.c.id, schema.tasks.c.job_id).where(
@@ -111,6 +111,22 @@ def block(conn: Connection, volunteer_id: int, actor: str, reason: str | None = 
     for task_id, job_id in leased:
         if transition(conn, TaskState.LOST, task_id, actor, detail={"reason": "volunteer blocked"}):
             settle_job(conn, job_id, actor)
+    # Results it returned that have not reached trusted storage are withdrawn too.
+    pending = (
+        conn.execute(
+            select(schema.tasks.c.id)
+            .join(schema.jobs, schema.jobs.c.id == schema.tasks.c.job_id)
+            .where(
+                schema.tasks.c.volunteer_id == volunteer_id,
+                schema.tasks.c.state.in_([TaskState.REPORTED.value, TaskState.VALID.value]),
+                schema.jobs.c.state.not_in([s.value for s in JOB_FINAL]),
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for task_id in pending:
+        revoke_result(conn, task_id, actor, "volunteer blocked")
 
 
 def unblock(conn: Connection, volunteer_id: int, actor: str) -> None:

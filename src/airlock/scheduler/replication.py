@@ -136,3 +136,37 @@ def cancel_job(conn: Connection, job_id: int, actor: str) -> bool:
 
 def finish_values(reason: str | None = None) -> dict[str, Any]:
     return _finished(reason)
+
+
+def revoke_result(
+    conn: Connection, task_id: int, actor: str, reason: str, *, max_quota: int | None = None
+) -> bool:
+    """Withdraw a result the validator accepted or has yet to judge (its volunteer was blocked, or its
+    quarantined bytes no longer match): the task becomes invalid and, if it was the job's canonical result
+    still waiting to be assimilated, the job goes back to collecting results. Replication then reissues."""
+    t, j = schema.tasks, schema.jobs
+    task = conn.execute(select(t.c.job_id, t.c.host_id).where(t.c.id == task_id)).one()
+    if not transition(
+        conn,
+        TaskState.INVALID,
+        task_id,
+        actor,
+        values={"verdict": reason},
+        detail={"reason": reason},
+        only_from=frozenset({TaskState.REPORTED, TaskState.VALID}),
+    ):
+        return False
+    if max_quota is not None and task.host_id is not None:
+        record_outcome(conn, task.host_id, "invalid", max_quota)
+    job = conn.execute(select(j.c.state, j.c.canonical_task_id).where(j.c.id == task.job_id)).one()
+    if job.state == JobState.ASSIMILATING.value and job.canonical_task_id == task_id:
+        transition(
+            conn,
+            JobState.RUNNING,
+            task.job_id,
+            actor,
+            values={"canonical_task_id": None, "updated_at": utcnow()},
+            detail={"reason": f"canonical result {task_id} revoked: {reason}"},
+        )
+    settle_job(conn, task.job_id, actor, max_quota=max_quota)
+    return True
