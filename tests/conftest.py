@@ -25,6 +25,17 @@ def _postgres_required() -> bool:
     return os.environ.get("AIRLOCK_TEST_POSTGRES") == "required" or os.environ.get("CI") == "true"
 
 
+@pytest.fixture(autouse=True)
+def cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """argon2 at its default cost takes ~0.4 s per volunteer. The in-process tests are not about password
+    hashing; the end-to-end tests run the real cost inside the gateway process."""
+    from argon2 import PasswordHasher
+
+    from airlock.credentials import accounts
+
+    monkeypatch.setattr(accounts, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+
+
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[Any]:
     import psycopg

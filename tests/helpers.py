@@ -168,3 +168,14 @@ class Volunteer:
         return self.api.client.post(
             f"/api/v1/tasks/{task['task_id']}/heartbeat", json={"host_id": self.host_id}, headers=self.auth
         )
+
+
+def assert_error(r: Any, status: int, *fragments: str) -> dict[str, Any]:
+    """An error reply: exactly `status`, a JSON body {"error", "message"} whose message says each fragment."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body: dict[str, Any] = r.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert isinstance(body.get("message"), str) and body["message"], body
+    for fragment in fragments:
+        assert fragment.lower() in body["message"].lower(), (fragment, body["message"])
+    return body

@@ -11,38 +11,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 
 from airlock.core.checksums import digest_bytes, format_digest_header, sha256_to_b64
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 
-from .helpers import OP, Api, Volunteer, job
-
-
-@pytest.fixture(autouse=True)
-def cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """argon2 at its default cost takes ~0.4 s per volunteer; nothing here is about password hashing."""
-    from argon2 import PasswordHasher
-
-    from airlock.credentials import accounts
-
-    monkeypatch.setattr(accounts, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-
+from .helpers import OP, Api, Volunteer, assert_error, job
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def assert_error(r: Any, status: int, *fragments: str) -> dict[str, Any]:
-    """An error reply: exactly `status`, a JSON body {"error", "message"} whose message says each fragment."""
-    assert r.status_code == status, (r.status_code, r.text)
-    body: dict[str, Any] = r.json()
-    assert isinstance(body.get("error"), str) and body["error"], body
-    assert isinstance(body.get("message"), str) and body["message"], body
-    for fragment in fragments:
-        assert fragment.lower() in body["message"].lower(), (fragment, body["message"])
-    return body
 
 
 def files_under(root: Path) -> dict[str, bytes]:

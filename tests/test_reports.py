@@ -13,7 +13,7 @@ from airlock.core.checksums import digest_bytes
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 
-from .helpers import Api, Volunteer, job
+from .helpers import Api, Volunteer, assert_error, job
 
 
 @pytest.fixture
@@ -21,27 +21,7 @@ def settings_overrides() -> dict[str, Any]:
     return {"lease_s": 5}
 
 
-@pytest.fixture(autouse=True)
-def cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """argon2 at its default cost takes ~0.4 s per volunteer; nothing here is about its cost."""
-    from argon2 import PasswordHasher
-
-    from airlock.credentials import accounts
-
-    monkeypatch.setattr(accounts, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def assert_error(r: Any, status: int, *fragments: str) -> dict[str, Any]:
-    assert r.status_code == status, (r.status_code, r.text)
-    body: dict[str, Any] = r.json()
-    assert isinstance(body.get("error"), str) and body["error"], body
-    assert isinstance(body.get("message"), str) and body["message"], body
-    for fragment in fragments:
-        assert fragment.lower() in body["message"].lower(), (fragment, body["message"])
-    return body
 
 
 def task_row(api: Api, task_id: int) -> Any:

@@ -22,16 +22,6 @@ def settings_overrides() -> dict[str, Any]:
     return {"max_archive_unpacked": 1000, "daily_quota_per_core": 10}
 
 
-@pytest.fixture(autouse=True)
-def cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """argon2 at its default cost takes ~0.4 s per volunteer; nothing here is about its cost."""
-    from argon2 import PasswordHasher
-
-    from airlock.credentials import accounts
-
-    monkeypatch.setattr(accounts, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from airlock.api.process import GatewayProcess, free_port, stop_process
 from airlock.config import load_settings
 from airlock.context import Gateway, initialise
 from airlock.db.engine import read
@@ -46,12 +45,6 @@ class DemoOptions:
     keep: bool = False
     database_url: str | None = None
     timeout_s: float = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sandbox_available() -> bool:
@@ -134,7 +127,7 @@ class Demo:
         }
         if opts.database_url:
             self.env["AIRLOCK_DATABASE_URL"] = opts.database_url
-        self.server: subprocess.Popen[bytes] | None = None
+        self.server: GatewayProcess | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
 
     # ------------------------------------------------------------------------------------------ steps
@@ -155,37 +148,9 @@ class Demo:
         return gw
 
     def start_server(self) -> None:
-        log = (self.root / "logs" / "gateway.log").open("wb")
-        self.server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "airlock",
-                "serve",
-                "--data-dir",
-                str(self.root / "gateway"),
-                "--port",
-                str(self.port),
-                "--public-url",
-                self.url,
-                "--log-level",
-                "warning",
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.server.poll() is not None:
-                raise RuntimeError(f"the gateway exited; see {self.root / 'logs' / 'gateway.log'}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the gateway did not come up within 60 s")
+        self.server = GatewayProcess(
+            self.root / "gateway", self.env, self.root / "logs" / "gateway.log", port=self.port
+        ).start()
 
     def start_agents(self, client: OperatorClient, sandboxed: bool) -> list[tuple[str, str]]:
         honest = max(3, self.opts.agents - len(MISBEHAVIOURS))
@@ -249,20 +214,13 @@ class Demo:
         return states
 
     def stop(self) -> None:
-        for p in self.agents:
+        for p in self.agents:  # SIGTERM them all first, so they stop together
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.agents:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if self.server and self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
+            stop_process(p, timeout=15)
+        if self.server is not None:
+            self.server.stop()
 
 
 def run_demo(opts: DemoOptions) -> int:
