@@ -75,7 +75,7 @@ def test_assimilator_killed_at_any_point_finishes_once_on_restart(api: Api, cras
     assert api.count(f, f.c.kind == "trusted") == 2
     assert api.count(e, e.c.action == "job.done", e.c.object_id == jid) == 1
     with read(api.gw.engine) as conn:
-        keys = dict(conn.execute(select(f.c.name, f.c.location).where(f.c.kind == "trusted")).tuples().all())
+        keys = dict(conn.execute(select(f.c.name, f.c.location).where(f.c.kind == "trusted")).all())
     with api.gw.trusted.open_read(keys["out.txt"]) as fh:
         assert fh.read() == b"the result\n"
     assert sorted(api.gw.trusted.list("trusted")) == sorted(keys.values())

@@ -15,11 +15,8 @@ from airlock.scheduler.quota import today
 
 def batch_view(conn: Connection, row: Any) -> BatchView:
     j = schema.jobs
-    counts: dict[str, int] = dict(
-        conn.execute(select(j.c.state, func.count()).where(j.c.batch_id == row.id).group_by(j.c.state))
-        .tuples()
-        .all()
-    )
+    rows = conn.execute(select(j.c.state, func.count()).where(j.c.batch_id == row.id).group_by(j.c.state))
+    counts: dict[str, int] = {state: n for state, n in rows}
     return BatchView(
         id=row.id,
         name=row.name,
