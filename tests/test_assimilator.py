@@ -14,7 +14,7 @@ from airlock.db import schema
 from airlock.db.engine import read
 from airlock.validator.validate import validate_pending
 
-from .helpers import OPERATOR_TOKEN, Api, job
+from .helpers import Api, job
 
 CRASH_POINTS = ["assimilate.after_copy", "assimilate.before_commit", "assimilate.after_commit"]
 
@@ -22,7 +22,6 @@ CRASH_POINTS = ["assimilate.after_copy", "assimilate.before_commit", "assimilate
 def _worker_once(api: Api, crash_at: str | None) -> subprocess.CompletedProcess[str]:
     s = api.gw.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRLOCK_")}
-    env["AIRLOCK_OPERATOR_TOKEN"] = OPERATOR_TOKEN
     if crash_at:
         env["AIRLOCK_CRASH_AT"] = crash_at
     return subprocess.run(

@@ -92,7 +92,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     from airlock.db.migrate import upgrade
     from airlock.service import BackgroundLoops
 
-    gw = Gateway.open(_settings(ns))
+    gw = Gateway.open(_settings(ns), serving=False)
     upgrade(gw.engine)
     loops = BackgroundLoops(gw)
     if ns.once:
@@ -226,7 +226,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from airlock.db.engine import read
     from airlock.reporter.report import build_report, render_console, write_html
 
-    gw = Gateway.open(_settings(ns))
+    gw = Gateway.open(_settings(ns), serving=False)
     with read(gw.engine) as conn:
         report = build_report(conn, gw.trusted, batch_id=ns.batch)
     render_console(report, console)

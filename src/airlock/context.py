@@ -26,10 +26,12 @@ class Gateway:
     inputs: Storage
     quarantine: Storage
     trusted: Storage
-    operator_token: str
+    operator_token: str | None  # None for processes that serve no operator API (worker, report)
 
     @classmethod
-    def open(cls, settings: Settings) -> Gateway:
+    def open(cls, settings: Settings, *, serving: bool = True) -> Gateway:
+        """`serving=False` for processes that answer no HTTP (background loops, reports): they need no
+        operator token."""
         keys = load_signing_keys(settings.keys_dir)
         if not keys:
             raise RuntimeError(f"no signing key in {settings.keys_dir}: run `airlock init` first")
@@ -41,7 +43,7 @@ class Gateway:
             inputs=local,
             quarantine=local,
             trusted=local,
-            operator_token=resolve_operator_token(settings),
+            operator_token=resolve_operator_token(settings) if serving else None,
         )
 
     def close(self) -> None:

@@ -31,9 +31,12 @@ def _token(creds: HTTPAuthorizationCredentials | None) -> str:
     return creds.credentials
 
 
+def _is_operator(gw: Gateway, token: str) -> bool:
+    return gw.operator_token is not None and hmac.compare_digest(token.encode(), gw.operator_token.encode())
+
+
 def operator(gw: GatewayDep, creds: Credentials) -> str:
-    token = _token(creds)
-    if not hmac.compare_digest(token.encode(), gw.operator_token.encode()):
+    if not _is_operator(gw, _token(creds)):
         raise Unauthorized("this endpoint needs the operator token")
     return "operator"
 
@@ -48,7 +51,7 @@ def volunteer(gw: GatewayDep, creds: Credentials) -> Claims:
 
 def volunteer_or_operator(gw: GatewayDep, creds: Credentials) -> Claims | str:
     token = _token(creds)
-    if hmac.compare_digest(token.encode(), gw.operator_token.encode()):
+    if _is_operator(gw, token):
         return "operator"
     claims = gw.issuer.verify(token)
     require_compute(claims)

@@ -36,21 +36,24 @@ def _png(fig: Any) -> bytes:
 
 
 def return_time_png(curves: Iterable[ReturnTimes]) -> bytes | None:
-    """Fraction of each batch's jobs returned vs hours since the batch was created; None if nothing came."""
+    """Fraction of each batch's jobs returned vs time since the batch was created (in hours, as in the CMS
+    paper's Fig. 2, or minutes or seconds for short runs); None if nothing came."""
     from matplotlib.figure import Figure
 
     curves = [c for c in curves if c.times_s]
     if not curves:
         return None
+    longest = max(max(c.times_s) for c in curves)
+    unit, scale = ("h", 3600.0) if longest >= 7200 else ("min", 60.0) if longest >= 120 else ("s", 1.0)
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for c in curves:
-        hours = np.concatenate([[0.0], np.asarray(c.times_s) / 3600.0])
-        fraction = np.arange(len(hours)) / c.jobs
-        ax.step(hours, fraction, where="post", label=f"batch {c.batch_id}: {c.batch_name}"[:60])
+        elapsed = np.concatenate([[0.0], np.asarray(c.times_s) / scale])
+        fraction = np.arange(len(elapsed)) / c.jobs
+        ax.step(elapsed, fraction, where="post", label=f"batch {c.batch_id}: {c.batch_name}"[:60])
     for level in (0.5, 0.9, 1.0):
         ax.axhline(level, color="grey", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("time since batch submission [h]")
+    ax.set_xlabel(f"time since batch submission [{unit}]")
     ax.set_ylabel("fraction of results returned")
     ax.set_ylim(0.0, 1.05)
     ax.set_xlim(left=0.0)
