@@ -24,10 +24,6 @@ class LiveGateway(GatewayProcess):
             env["AIRLOCK_DATABASE_URL"] = database_url
         super().__init__(data_dir, env, data_dir / "gateway.log")
 
-    def start(self, timeout: float = 60.0) -> LiveGateway:
-        super().start(timeout)
-        return self
-
     def op(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"}, timeout=30

@@ -186,3 +186,21 @@ def test_concurrent_dispatch_never_leases_a_task_twice(api: Api) -> None:
     assert len(got) == len(set(got)) == n_jobs
     leased = api.count(schema.tasks, schema.tasks.c.state == "leased")
     assert leased == n_jobs
+
+
+def test_cancelling_a_batch_cancels_only_its_unfinished_jobs(api: Api) -> None:
+    done_id, leased_id, queued_id = api.submit(job("done"), job("leased"), job("queued"))["jobs"]
+    (other,) = api.submit(job("other batch"), name="other")["jobs"]
+    v = api.volunteer(cores=1)
+    (t,) = v.work()
+    v.complete(t)
+    api.settle()
+    assert api.job(done_id)["state"] == "done"
+    (t2,) = v.work()
+    assert t2["job_id"] == leased_id
+    r = api.op("POST", "/api/v1/batches/1/cancel")
+    assert r.status_code == 200 and r.json() == {"cancelled": 2}
+    states = {jid: api.job(jid)["state"] for jid in (done_id, leased_id, queued_id, other)}
+    assert states == {done_id: "done", leased_id: "cancelled", queued_id: "cancelled", other: "queued"}
+    assert v.heartbeat(t2).json()["abort"] is True
+    assert api.op("POST", "/api/v1/batches/99/cancel").status_code == 404

@@ -25,6 +25,7 @@ from airlock.db.engine import read
 from airlock.generator.inputs import receive_input, register_input
 from airlock.generator.submit import parse_batch, refresh_statistics, submit_batch
 from airlock.reporter import views
+from airlock.scheduler import replication
 from airlock.scheduler.replication import cancel_job
 
 router = APIRouter(prefix="/api/v1", tags=["operator"])
@@ -68,9 +69,7 @@ def batch(gw: GatewayDep, who: Operator, batch_id: PathId) -> BatchView:
 def cancel_batch(gw: GatewayDep, who: Operator, batch_id: PathId) -> dict[str, int]:
     with gw.engine.begin() as conn:
         views.get_batch(conn, batch_id)
-        ids = [j.id for j in views.list_jobs(conn, batch_id, None, 1_000_000, 0)]
-        cancelled = sum(cancel_job(conn, jid, who) for jid in ids)
-    return {"cancelled": cancelled}
+        return {"cancelled": replication.cancel_batch(conn, batch_id, who)}
 
 
 @router.get("/jobs")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -135,15 +134,6 @@ def _record(conn: Connection, target: UploadTarget, digest: Digest, rate: float 
         },
     )
     return True
-
-
-def _existing(conn: Connection, target: UploadTarget) -> Any:
-    f = schema.files
-    return conn.execute(
-        select(f.c.size, f.c.sha256).where(
-            f.c.kind == "output", f.c.task_id == target.task_id, f.c.name == target.name
-        )
-    ).one_or_none()
 
 
 async def receive_upload(

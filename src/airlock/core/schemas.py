@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Names of files inside a task's work directory: one path component, no hidden files, no separators.
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
@@ -61,6 +61,9 @@ def check_file_name(name: str) -> str:
     return name
 
 
+FileName = Annotated[str, AfterValidator(check_file_name)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -72,12 +75,10 @@ class InputSpec(Strict):
     """An input file. Give `sha256` of a file already in the input cache (see POST /api/v1/inputs);
     the CLI also accepts `path` and uploads the file first."""
 
-    name: str
+    name: FileName
     sha256: str
     size: int | None = Field(default=None, ge=0)
     adler32: str | None = None
-
-    _name = field_validator("name")(classmethod(lambda cls, v: check_file_name(v)))
 
     @field_validator("sha256")
     @classmethod
@@ -96,10 +97,8 @@ class InputSpec(Strict):
 
 
 class OutputSpec(Strict):
-    name: str
+    name: FileName
     max_size: int
-
-    _name = field_validator("name")(classmethod(lambda cls, v: check_file_name(v)))
 
     @field_validator("max_size", mode="before")
     @classmethod
@@ -364,12 +363,10 @@ class HeartbeatReply(BaseModel):
 
 
 class OutputReport(Strict):
-    name: str
+    name: FileName
     size: int = Field(ge=0, le=2**62)
     adler32: str = Field(pattern=r"^[0-9a-f]{8}$", description="8 lowercase hex digits")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="64 lowercase hex digits")
-
-    _name = field_validator("name")(classmethod(lambda cls, v: check_file_name(v)))
 
 
 class TaskReport(Strict):

@@ -60,7 +60,7 @@ def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | No
         elif not in_flight:
             reason = f"no quorum of {job.quorum} agreeing valid results within {job.max_attempts} attempts"
             transition(
-                conn, JobState.FAILED, job_id, actor, values=_finished(reason), detail={"reason": reason}
+                conn, JobState.FAILED, job_id, actor, values=finish_values(reason), detail={"reason": reason}
             )
             return JobState.FAILED.value
     reported = any(task.state == TaskState.REPORTED.value for task in tasks)
@@ -104,7 +104,7 @@ def _reach_quorum(
             transition(conn, TaskState.ABORTED, task.id, actor, detail={"reason": "quorum reached"})
 
 
-def _finished(reason: str | None = None) -> dict[str, Any]:
+def finish_values(reason: str | None = None) -> dict[str, Any]:
     now = utcnow()
     values: dict[str, Any] = {"finished_at": now, "updated_at": now}
     if reason is not None:
@@ -126,7 +126,9 @@ def create_tasks(conn: Connection, job_id: int, n: int, actor: str, *, reason: s
 
 def cancel_job(conn: Connection, job_id: int, actor: str) -> bool:
     """Cancel a job and abort its unfinished tasks (an agent learns of it at its next heartbeat)."""
-    if not transition(conn, JobState.CANCELLED, job_id, actor, values=_finished("cancelled by the operator")):
+    if not transition(
+        conn, JobState.CANCELLED, job_id, actor, values=finish_values("cancelled by the operator")
+    ):
         return False
     t = schema.tasks
     for (tid,) in conn.execute(select(t.c.id).where(t.c.job_id == job_id, t.c.state.in_(IN_FLIGHT))).all():
@@ -134,8 +136,13 @@ def cancel_job(conn: Connection, job_id: int, actor: str) -> bool:
     return True
 
 
-def finish_values(reason: str | None = None) -> dict[str, Any]:
-    return _finished(reason)
+def cancel_batch(conn: Connection, batch_id: int, actor: str) -> int:
+    """Cancel every unfinished job of a batch; returns how many were cancelled."""
+    j = schema.jobs
+    unfinished = conn.execute(
+        select(j.c.id).where(j.c.batch_id == batch_id, j.c.state.not_in([s.value for s in JOB_FINAL]))
+    ).scalars()
+    return sum(cancel_job(conn, job_id, actor) for job_id in list(unfinished))
 
 
 def revoke_result(

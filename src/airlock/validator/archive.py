@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from airlock.validator.apps import InvalidResult
@@ -29,41 +30,41 @@ def _check_member_name(archive: str, member: str) -> None:
         raise InvalidResult(f"{archive}: member {member!r} climbs out with '..'")
 
 
-def check_archive(name: str, path: Path, max_unpacked: int) -> int:
-    """Raise InvalidResult if the archive is unsafe; return its unpacked size."""
-    total = 0
-    count = 0
+def _members(name: str, path: Path) -> Iterator[tuple[str, int, str | None]]:
+    """(member name, unpacked size, why it is not a plain file or directory, or None) for each member."""
     if name.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
-                    count += 1
-                    if count > MAX_MEMBERS:
-                        raise InvalidResult(f"{name}: more than {MAX_MEMBERS} members")
-                    _check_member_name(name, info.filename)
                     mode = (info.external_attr >> 16) & 0o170000
-                    if mode and mode not in (0o100000, 0o040000):
-                        raise InvalidResult(f"{name}: member {info.filename!r} is a link or special file")
-                    total += info.file_size
-                    if total > max_unpacked:
-                        raise InvalidResult(f"{name}: unpacks to more than {max_unpacked} bytes")
+                    special = mode and mode not in (0o100000, 0o040000)
+                    yield info.filename, info.file_size, "is a link or special file" if special else None
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise InvalidResult(f"{name}: not a readable zip archive ({exc})") from exc
-        return total
+        return
     try:
         with tarfile.open(path, mode="r:*") as tf:
             for member in tf:
-                count += 1
-                if count > MAX_MEMBERS:
-                    raise InvalidResult(f"{name}: more than {MAX_MEMBERS} members")
-                _check_member_name(name, member.name)
+                problem = None
                 if member.issym() or member.islnk():
-                    raise InvalidResult(f"{name}: member {member.name!r} is a link")
-                if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir()):
-                    raise InvalidResult(f"{name}: member {member.name!r} is a device or special file")
-                total += member.size
-                if total > max_unpacked:
-                    raise InvalidResult(f"{name}: unpacks to more than {max_unpacked} bytes")
+                    problem = "is a link"
+                elif member.isdev() or member.isfifo() or not (member.isfile() or member.isdir()):
+                    problem = "is a device or special file"
+                yield member.name, member.size, problem
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise InvalidResult(f"{name}: not a readable tar archive ({exc})") from exc
+
+
+def check_archive(name: str, path: Path, max_unpacked: int) -> int:
+    """Raise InvalidResult if the archive is unsafe; return its unpacked size."""
+    total = 0
+    for count, (member, size, problem) in enumerate(_members(name, path), 1):
+        if count > MAX_MEMBERS:
+            raise InvalidResult(f"{name}: more than {MAX_MEMBERS} members")
+        _check_member_name(name, member)
+        if problem is not None:
+            raise InvalidResult(f"{name}: member {member!r} {problem}")
+        total += size
+        if total > max_unpacked:
+            raise InvalidResult(f"{name}: unpacks to more than {max_unpacked} bytes")
     return total
