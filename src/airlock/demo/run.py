@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from airlock.agent.sandbox import Sandbox, SandboxError
 from airlock.api.process import GatewayProcess, free_port, stop_process
 from airlock.config import load_settings
 from airlock.context import Gateway, initialise
@@ -48,27 +50,13 @@ class DemoOptions:
 
 
 def sandbox_available() -> bool:
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        return False
-    probe = subprocess.run(
-        [
-            bwrap,
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--unshare-all",
-            "--",
-            "/bin/true",
-        ],
-        capture_output=True,
-        timeout=30,
-    )
-    return probe.returncode == 0
+    """Whether the agents' sandbox works here: the agent's own probe decides."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            Sandbox(Path(tmp)).probe()
+        except SandboxError:
+            return False
+    return True
 
 
 def batch_description(n_jobs: int, events: int, lbmc_sha256: str) -> dict[str, Any]:

@@ -3,6 +3,8 @@ what reached trusted storage. A tampered output that got past validation would s
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -26,24 +28,24 @@ def untampered(gw: Gateway, batch_id: int) -> tuple[int, list[str]]:
         ).all()
     validator = LbmcValidator()
     bad: list[str] = []
-    for row in rows:
-        params: dict[str, Any] = row.spec["params"]
-        path = gw.trusted.local_path(row.location)
-        assert path is not None
-        got = validator.fingerprint(
-            params, {"events.root": Output("events.root", path, row.size, row.sha256)}
-        )
-        honest = _honest_fingerprint(params, path.with_name(".honest.root"))
-        if got != honest:
-            bad.append(row.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        for row in rows:
+            params: dict[str, Any] = row.spec["params"]
+            path = gw.trusted.local_path(row.location)
+            assert path is not None
+            got = validator.fingerprint(
+                params, {"events.root": Output("events.root", path, row.size, row.sha256)}
+            )
+            honest = _honest_fingerprint(params, scratch / "honest.root")
+            if got != honest:
+                bad.append(row.name)
     return len(rows), bad
 
 
-def _honest_fingerprint(params: dict[str, Any], scratch: Any) -> str:
-    columns = lbmc.generate(int(params["seed"]), int(params["events"]))
-    lbmc.write(str(scratch), int(params["seed"]), columns)
-    try:
-        out = Output("events.root", scratch, scratch.stat().st_size, "")
-        return LbmcValidator().fingerprint(params, {"events.root": out})
-    finally:
-        scratch.unlink(missing_ok=True)
+def _honest_fingerprint(params: dict[str, Any], scratch: Path) -> str:
+    """Regenerate the job's events from its seed in a scratch file outside any storage area."""
+    seed = int(params["seed"])
+    lbmc.write(str(scratch), seed, lbmc.generate(seed, int(params["events"])))
+    out = Output("events.root", scratch, scratch.stat().st_size, "")
+    return LbmcValidator().fingerprint(params, {"events.root": out})
