@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := bubblewrap postgresql
+APT_PACKAGES := bubblewrap postgresql boinc-client xrootd-server xrootd-scitokens-plugins xrootd-client \
+                globus-proxy-utils voms-clients
 
 .PHONY: demo test test-fast lint typecheck bench venv system-deps postgres clean
 
@@ -21,7 +22,8 @@ demo: $(STAMP)
 	  || echo "bubblewrap could not be installed: the demo's agents will run unsandboxed"
 	$(BIN)/airlock demo
 
-## system packages the tests use (bubblewrap for the sandbox, PostgreSQL for the second backend)
+## system packages the tests use: bubblewrap (sandbox), PostgreSQL (second backend), the BOINC client,
+## XRootD with its SciTokens plugin, and the grid tools that check our certificates
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
