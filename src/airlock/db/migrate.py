@@ -32,4 +32,5 @@ def current_revision(engine: Engine) -> str | None:
             return None
         from alembic.runtime.migration import MigrationContext
 
-        return MigrationContext.configure(conn).get_current_revision()
+        heads = MigrationContext.configure(conn).get_current_heads()
+        return ",".join(sorted(heads)) if heads else None
