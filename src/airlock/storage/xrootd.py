@@ -1,0 +1,318 @@
+"""Storage on an XRootD (or dCache, EOS: any WLCG-token WebDAV) endpoint over HTTPS.
+
+Volunteers upload straight to the server with their per-task `storage.create` token, so output bytes never
+pass through the gateway. The gateway itself acts with its own token (`GatewayToken`): a trusted
+credential that lives only in this process's memory, carries a separate audience (the gateway's API refuses
+it; the storage accepts it) and is re-minted shortly before it expires. It never goes into anything sent to
+a volunteer.
+
+Writes are create-only and atomic: bytes go to a hidden temporary name, are checked against the server's
+adler32, then MOVEd to their key only if the key is still free. Checksums come from the server (HEAD with
+`Want-Digest: adler32`); sha256 needs the bytes, so `stat()` and `download()` read the file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, BinaryIO
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+import jwt
+
+from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file
+from airlock.core.errors import TooLarge
+from airlock.credentials.tokens import ALGORITHM, WLCG_VERSION, TokenIssuer
+from airlock.storage.base import AlreadyExists, DigestMismatch, StorageError
+
+PARTIAL = ".partial-"
+GATEWAY_SUBJECT = "airlock-gateway"
+TOKEN_TTL_S = 1200
+TOKEN_RENEW_BEFORE_S = 300
+DAV = "{DAV:}"
+
+
+class GatewayToken:
+    """The gateway's own storage token: read, create, modify on its areas (never sent to a volunteer)."""
+
+    def __init__(
+        self, issuer: TokenIssuer, audience: str, areas: tuple[str, ...] = ("/quarantine", "/trusted")
+    ) -> None:
+        self._issuer, self.audience = issuer, audience
+        self.scope = " ".join(f"storage.{op}:{a}" for a in areas for op in ("read", "create", "modify"))
+        self._token, self._expires = "", 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            now = time.time()
+            if now > self._expires - TOKEN_RENEW_BEFORE_S:
+                key = self._issuer.current
+                iat = int(now)
+                self._expires = iat + TOKEN_TTL_S
+                claims = {
+                    "wlcg.ver": WLCG_VERSION,
+                    "iss": self._issuer.issuer,
+                    "sub": GATEWAY_SUBJECT,
+                    "aud": self.audience,
+                    "scope": self.scope,
+                    "iat": iat,
+                    "nbf": iat,
+                    "exp": int(self._expires),
+                    "jti": uuid.uuid4().hex,
+                }
+                self._token = jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
+            return self._token
+
+
+def parse_adler32(header: str | None) -> str | None:
+    """`Digest: adler32=0a1b2c3d` (RFC 3230, possibly with other algorithms) -> '0a1b2c3d'."""
+    for part in (header or "").split(","):
+        algo, _, value = part.strip().partition("=")
+        if algo.strip().lower() == "adler32" and value:
+            return value.strip().lower().rjust(8, "0")
+    return None
+
+
+class PendingUpload:
+    """Bytes received into a local spool file; `publish()` sends them to the server under their key."""
+
+    def __init__(self, storage: XRootDStorage, key: str, spool: Path, digest: Digest) -> None:
+        self._storage, self._key, self._spool, self.digest = storage, key, spool, digest
+
+    def publish(self, key: str | None = None) -> None:
+        try:
+            self._storage.put_new(key or self._key, self._spool, self.digest)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self._spool.parent, ignore_errors=True)
+
+
+class XRootDStorage:
+    """Keys map to `<base_url>/<key>`; every request carries the gateway's bearer token."""
+
+    name = "xrootd"
+
+    def __init__(
+        self,
+        base_url: str,
+        token: GatewayToken,
+        *,
+        ca_file: Path | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._base_path = urlsplit(self.base_url).path.rstrip("/")
+        self._client = httpx.Client(
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
+            timeout=timeout_s,
+            follow_redirects=True,
+        )
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def url(self, key: str) -> str:
+        pure = PurePosixPath(key)
+        if pure.is_absolute() or any(part in {"", ".", ".."} for part in pure.parts) or not pure.parts:
+            raise StorageError(f"invalid storage key {key!r}")
+        return f"{self.base_url}/{quote(pure.as_posix())}"
+
+    def _auth(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token()}", **(extra or {})}
+
+    def _request(
+        self,
+        method: str,
+        key: str,
+        headers: dict[str, str] | None = None,
+        content: Iterator[bytes] | None = None,
+    ) -> httpx.Response:
+        try:
+            return self._client.request(method, self.url(key), headers=self._auth(headers), content=content)
+        except httpx.HTTPError as exc:
+            raise StorageError(f"{method} {key}: {exc}") from exc
+
+    @staticmethod
+    def _fail(resp: httpx.Response, what: str) -> StorageError:
+        return StorageError(f"{what}: HTTP {resp.status_code} {resp.text.strip()[:200]}")
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ------------------------------------------------------------------------------- server checksums
+    def checksum(self, key: str) -> tuple[int, str] | None:
+        """(size, adler32) as the server computes them, None if there is no such file."""
+        resp = self._request("HEAD", key, {"Want-Digest": "adler32"})
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._fail(resp, f"HEAD {key}")
+        adler = parse_adler32(resp.headers.get("digest"))
+        if adler is None:
+            raise StorageError(f"the server gave no adler32 for {key} (is `xrootd.chksum adler32` set?)")
+        return int(resp.headers.get("content-length", "0")), adler
+
+    def download(self, key: str, dest: Path) -> Digest:
+        """Copy the file to `dest`, hashing it; the bytes must match the server's own adler32."""
+        with self._client.stream("GET", self.url(key), headers=self._auth()) as r:
+            if r.status_code == 404:
+                raise FileNotFoundError(key)
+            if r.status_code != 200:
+                r.read()
+                raise self._fail(r, f"GET {key}")
+            d = StreamingDigest()
+            with dest.open("xb") as fh:
+                for chunk in r.iter_bytes(CHUNK):
+                    d.update(chunk)
+                    fh.write(chunk)
+        got = d.digest()
+        server = self.checksum(key)
+        if server != (got.size, got.adler32):
+            raise DigestMismatch(
+                f"{key}: read {got.size} bytes adler32 {got.adler32}, the server says {server}"
+            )
+        return got
+
+    # ------------------------------------------------------------------------------------------ writes
+    def put_new(self, key: str, src: Path, expected: Digest) -> Digest:
+        """Create `key` from a local file: temporary name, server adler32 check, MOVE into place.
+        Idempotent: the same bytes already under `key` are fine; different ones raise AlreadyExists."""
+        have = self.checksum(key)
+        if have is not None:
+            if have == (expected.size, expected.adler32):
+                return expected
+            raise AlreadyExists(f"{key} exists with different content")
+        got = digest_file(src)
+        if got != expected:
+            raise DigestMismatch(f"{src} does not match its recorded checksums")
+        parent, _, name = key.rpartition("/")
+        tmp = (
+            f"{parent}/.{name}{PARTIAL}{uuid.uuid4().hex}"
+            if parent
+            else f".{name}{PARTIAL}{uuid.uuid4().hex}"
+        )
+        try:
+            with src.open("rb") as fh:
+                resp = self._request("PUT", tmp, {"Content-Length": str(got.size)}, _chunks(fh))
+            if resp.status_code not in (200, 201, 204):
+                raise self._fail(resp, f"PUT {tmp}")
+            if self.checksum(tmp) != (got.size, got.adler32):
+                raise DigestMismatch(f"{key}: the server's copy differs from what was sent")
+            if self.checksum(key) is not None:  # taken meanwhile (another writer of the same key)
+                if self.checksum(key) == (got.size, got.adler32):
+                    return got
+                raise AlreadyExists(f"{key} exists with different content")
+            resp = self._request("MOVE", tmp, {"Destination": self.url(key), "Overwrite": "F"})
+            if resp.status_code not in (200, 201, 204):
+                raise self._fail(resp, f"MOVE {tmp} -> {key}")
+            return got
+        finally:
+            self._request("DELETE", tmp)
+
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> PendingUpload:
+        self.url(key)  # validate the key before taking any bytes
+        spool = Path(tempfile.mkdtemp(prefix="airlock-upload-")) / "body"
+        d = StreamingDigest()
+        try:
+            with spool.open("xb") as fh:
+                async for chunk in chunks:
+                    if d.size + len(chunk) > max_size:
+                        raise TooLarge(f"upload exceeds the declared maximum of {max_size} bytes")
+                    d.update(chunk)
+                    fh.write(chunk)
+        except BaseException:
+            shutil.rmtree(spool.parent, ignore_errors=True)
+            raise
+        return PendingUpload(self, key, spool, d.digest())
+
+    def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
+        return self.put_new(key, src, expected)
+
+    def copy_from(self, source: XRootDStorage, src_key: str, key: str, expected: Digest) -> Digest:
+        """Copy a file of `source` (maybe this same server) to `key`, verified against `expected`.
+        Idempotent like `copy_in`; a source that no longer matches raises DigestMismatch, a missing one
+        FileNotFoundError (unless `key` already holds the expected bytes)."""
+        have = self.checksum(key)
+        if have is not None:
+            if have == (expected.size, expected.adler32):
+                return expected
+            raise AlreadyExists(f"{key} exists with different content")
+        with tempfile.TemporaryDirectory(prefix="airlock-copy-") as tmp:
+            local = Path(tmp) / "data"
+            got = source.download(src_key, local)
+            if got != expected:
+                raise DigestMismatch(f"{src_key} no longer matches its recorded checksums")
+            return self.put_new(key, local, expected)
+
+    # ------------------------------------------------------------------------------------------- reads
+    def stat(self, key: str) -> Digest | None:
+        """Full digest; sha256 is not kept by the server, so this reads the file."""
+        with tempfile.TemporaryDirectory(prefix="airlock-stat-") as tmp:
+            try:
+                return self.download(key, Path(tmp) / "data")
+            except FileNotFoundError:
+                return None
+
+    def exists(self, key: str) -> bool:
+        return self.checksum(key) is not None
+
+    def open_read(self, key: str) -> BinaryIO:
+        """A local copy checked against the server's adler32; its name is gone once this returns (POSIX
+        keeps the open file), so nothing is left behind when it is closed."""
+        tmp = tempfile.mkdtemp(prefix="airlock-read-")
+        try:
+            path = Path(tmp) / "data"
+            self.download(key, path)
+            return path.open("rb")  # the caller closes it
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def delete(self, key: str) -> bool:
+        resp = self._request("DELETE", key)
+        if resp.status_code == 404:
+            return False
+        if resp.status_code not in (200, 204):
+            raise self._fail(resp, f"DELETE {key}")
+        return True
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Files under `prefix` (WebDAV PROPFIND, one level at a time), temporaries left out."""
+        pending = [prefix.strip("/")]
+        while pending:
+            folder = pending.pop()
+            resp = self._request("PROPFIND", folder, {"Depth": "1"}) if folder else self._root_propfind()
+            if resp.status_code == 404:
+                continue
+            if resp.status_code != 207:
+                raise self._fail(resp, f"PROPFIND {folder}")
+            # the server is our authenticated trusted storage; ElementTree resolves no external entities
+            for entry in ET.fromstring(resp.content).iter(f"{DAV}response"):
+                href = unquote(entry.findtext(f"{DAV}href", "")).rstrip("/")
+                key = href.removeprefix(self._base_path).strip("/")
+                if not key or key == folder:
+                    continue
+                if entry.find(f".//{DAV}collection") is not None:
+                    pending.append(key)
+                elif PARTIAL not in key.rsplit("/", 1)[-1]:
+                    yield key
+
+    def _root_propfind(self) -> httpx.Response:
+        return self._client.request("PROPFIND", self.base_url + "/", headers=self._auth({"Depth": "1"}))
+
+
+def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+    while chunk := fh.read(CHUNK):
+        yield chunk
