@@ -26,10 +26,10 @@ ISSUER = "https://airlock.test"
 STORAGE_AUDIENCE = "https://storage.airlock.test"
 
 
-def start_xrootd(issuer: TokenIssuer, audiences: list[str]) -> XRootDServer:
-    """A private server, or a skip with the reason; in CI (CI=true) a failure instead."""
+def start_xrootd(server: XRootDServer) -> XRootDServer:
+    """Start a private server, or skip with the reason; in CI (CI=true) fail instead."""
     try:
-        return XRootDServer(issuer.issuer, issuer.jwks(), audiences).start()
+        return server.start()
     except (XRootDUnavailable, OSError) as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"xrootd could not start (required in CI): {exc}")
@@ -44,7 +44,7 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> TokenIssuer:
 
 @pytest.fixture(scope="module")
 def server(issuer: TokenIssuer) -> Iterator[XRootDServer]:
-    srv = start_xrootd(issuer, [issuer.audience, STORAGE_AUDIENCE])
+    srv = start_xrootd(XRootDServer(issuer.issuer, issuer.jwks(), [issuer.audience, STORAGE_AUDIENCE]))
     yield srv
     srv.stop()
 

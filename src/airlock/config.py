@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "AIRLOCK_"
 
@@ -37,11 +37,27 @@ class Settings(BaseModel):
     loop_interval_s: float = Field(default=1.0, gt=0, description="period of validator/assimilator loops")
     background: bool = Field(default=True, description="run validator, assimilator and expiry in `serve`")
     max_archive_unpacked: int = Field(default=4 * 2**30, description="cap on an output archive's contents")
+    bridge: Literal["local", "xrootd"] = Field(
+        default="local",
+        description="quarantine and trusted storage: local folders, or a WLCG-token HTTPS endpoint (XRootD, "
+        "dCache, EOS) that volunteers upload to directly (docs/storage.md)",
+    )
+    storage_url: str | None = Field(default=None, description="bridge=xrootd: HTTPS URL of Airlock's namespace")
+    storage_ca_file: Path | None = Field(default=None, description="CA that signed the storage's certificate")
+    storage_audience: str | None = Field(
+        default=None, description="audience of the gateway's own storage token; storage_url if unset"
+    )
 
     @field_validator("public_url")
     @classmethod
     def _strip(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _storage_endpoint(self) -> Settings:
+        if self.bridge == "xrootd" and not (self.storage_url or "").startswith("https://"):
+            raise ValueError("bridge = 'xrootd' needs storage_url, the endpoint's https:// URL")
+        return self
 
     # ---------------------------------------------------------------------------------------- derived
     @property
@@ -51,6 +67,11 @@ class Settings(BaseModel):
     @property
     def token_issuer(self) -> str:
         return self.issuer or self.public_url
+
+    @property
+    def upload_base_url(self) -> str:
+        """Where volunteers upload outputs: the gateway's own bridge, or the storage endpoint directly."""
+        return (self.storage_url or "").rstrip("/") if self.bridge == "xrootd" else self.public_url
 
     @property
     def keys_dir(self) -> Path:

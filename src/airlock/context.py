@@ -14,6 +14,7 @@ from airlock.credentials.tokens import TokenIssuer
 from airlock.db.engine import make_engine
 from airlock.storage.base import Storage
 from airlock.storage.local import LocalStorage
+from airlock.storage.xrootd import XRootDStorage, open_xrootd
 
 OPERATOR_TOKEN_FILE = "operator.token"
 
@@ -36,18 +37,22 @@ class Gateway:
         if not keys:
             raise RuntimeError(f"no signing key in {settings.keys_dir}: run `airlock init` first")
         local = LocalStorage(settings.storage_dir)
+        issuer = TokenIssuer(settings.token_issuer, keys)
+        bridge: Storage = local if settings.bridge == "local" else open_xrootd(settings, issuer)
         return cls(
             settings=settings,
             engine=make_engine(settings.db_url),
-            issuer=TokenIssuer(settings.token_issuer, keys),
+            issuer=issuer,
             inputs=local,
-            quarantine=local,
-            trusted=local,
+            quarantine=bridge,
+            trusted=bridge,
             operator_token=resolve_operator_token(settings) if serving else None,
         )
 
     def close(self) -> None:
         self.engine.dispose()
+        if isinstance(self.quarantine, XRootDStorage):
+            self.quarantine.close()
 
 
 def resolve_operator_token(settings: Settings) -> str:

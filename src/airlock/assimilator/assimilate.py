@@ -23,6 +23,7 @@ from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.scheduler.replication import finish_values, revoke_result
 from airlock.storage.base import DigestMismatch, Storage
+from airlock.storage.xrootd import XRootDStorage
 
 log = logging.getLogger("airlock.assimilator")
 ACTOR = "system:assimilator"
@@ -47,11 +48,10 @@ def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id
     copied: list[tuple[Any, str]] = []
     for out in outputs:
         key = trusted_key(job.batch_id, job.id, out.name)
-        src = quarantine.local_path(out.location)
-        if src is None:
-            raise NotImplementedError("assimilating from remote quarantine")
         try:
-            trusted.copy_in(key, src, Digest(out.size, out.adler32, out.sha256))
+            _copy_to_trusted(
+                quarantine, trusted, out.location, key, Digest(out.size, out.adler32, out.sha256)
+            )
         except (DigestMismatch, FileNotFoundError) as exc:
             # The quarantined copy changed or vanished after validation: never assimilate it.
             reason = f"{out.name} in quarantine no longer matches what was validated ({exc})"
@@ -104,6 +104,19 @@ def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id
         _delete_quarantined(engine, quarantine, out.id, out.location)
     log.info("job %s done: %d outputs in trusted storage", job_id, len(copied))
     return True
+
+
+def _copy_to_trusted(
+    quarantine: Storage, trusted: Storage, location: str, key: str, expected: Digest
+) -> None:
+    """Copy, verify, publish; idempotent (an identical file already at `key` counts as copied)."""
+    src = quarantine.local_path(location)
+    if src is not None:
+        trusted.copy_in(key, src, expected)
+    elif isinstance(quarantine, XRootDStorage) and isinstance(trusted, XRootDStorage):
+        trusted.copy_from(quarantine, location, key, expected)  # with the gateway's own storage token
+    else:
+        raise NotImplementedError(f"assimilating from {quarantine.name} into {trusted.name}")
 
 
 def _delete_quarantined(engine: Engine, quarantine: Storage, file_id: int, location: str) -> None:

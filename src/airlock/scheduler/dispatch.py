@@ -227,7 +227,11 @@ def _assignment(
         env=spec.get("env") or {},
         inputs=inputs,
         outputs=[
-            OutputRef(name=o["name"], max_size=o["max_size"], upload_url=f"{base}{path}/{o['name']}")
+            OutputRef(
+                name=o["name"],
+                max_size=o["max_size"],
+                upload_url=f"{settings.upload_base_url}{path}/{o['name']}",
+            )
             for o in spec["outputs"]
         ],
         resources=Resources.model_validate(spec["resources"]),

@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 import jwt
 
+from airlock.config import Settings
 from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file
 from airlock.core.errors import TooLarge
 from airlock.credentials.tokens import ALGORITHM, WLCG_VERSION, TokenIssuer
@@ -311,6 +312,16 @@ class XRootDStorage:
 
     def _root_propfind(self) -> httpx.Response:
         return self._client.request("PROPFIND", self.base_url + "/", headers=self._auth({"Depth": "1"}))
+
+
+def open_xrootd(settings: Settings, issuer: TokenIssuer) -> XRootDStorage:
+    """The configured endpoint (`bridge = "xrootd"`), acting with the gateway's own storage token."""
+    if not settings.storage_url:
+        raise ValueError("bridge = 'xrootd' needs storage_url")
+    audience = settings.storage_audience or settings.storage_url.rstrip("/")
+    return XRootDStorage(
+        settings.storage_url, GatewayToken(issuer, audience), ca_file=settings.storage_ca_file
+    )
 
 
 def _chunks(fh: IO[bytes]) -> Iterator[bytes]:

@@ -9,19 +9,25 @@ app's own check. A task that passes is valid with the app's agreement fingerprin
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
+from airlock.bridge.quarantine import UploadTarget, output_key
+from airlock.bridge.quarantine import _record as record_upload
 from airlock.config import Settings
+from airlock.core.checksums import Digest
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
-from airlock.storage.base import Storage
+from airlock.storage.base import DigestMismatch, Storage
+from airlock.storage.xrootd import XRootDStorage
 from airlock.validator.apps import InvalidResult, Output, validator_for
 from airlock.validator.archive import check_archive, is_archive
 
@@ -36,8 +42,16 @@ class Verdict:
     agreement: str | None = None
 
 
-def judge(task: Any, job: Any, outputs: list[Any], quarantine: Storage, settings: Settings) -> Verdict:
-    """Decide one task. Pure apart from reading the quarantined files."""
+def judge(
+    task: Any,
+    job: Any,
+    outputs: list[Any],
+    quarantine: Storage,
+    settings: Settings,
+    fetched: dict[str, tuple[Digest, Path]] | None = None,
+) -> Verdict:
+    """Decide one task. Pure apart from reading the quarantined files. `fetched` holds local copies of a
+    remote quarantine's files (see `fetch_remote_outputs`); None for a local quarantine."""
     if task.exit_code != 0:
         return Verdict(TaskState.ERROR, f"exit code {task.exit_code}")
     spec = job.spec
@@ -53,16 +67,18 @@ def judge(task: Any, job: Any, outputs: list[Any], quarantine: Storage, settings
             claim = reported.get(name)
             if claim is None:
                 raise InvalidResult(f"the report does not list output {name}")
+            if f.size > int(declared["max_size"]):
+                raise InvalidResult(f"{name}: {f.size} bytes, more than the declared {declared['max_size']}")
             if (claim["size"], claim["adler32"], claim["sha256"]) != (f.size, f.adler32, f.sha256):
                 raise InvalidResult(f"{name}: the reported checksums differ from the uploaded file's")
-            have = quarantine.stat(f.location)
-            if have is None:
+            if fetched is None:
+                have, path = quarantine.stat(f.location), quarantine.local_path(f.location)
+            else:
+                have, path = fetched.get(name, (None, None))
+            if have is None or path is None:
                 raise InvalidResult(f"{name}: the quarantined file is missing")
             if (have.size, have.adler32, have.sha256) != (f.size, f.adler32, f.sha256):
                 raise InvalidResult(f"{name}: the quarantined file no longer matches its checksums")
-            path = quarantine.local_path(f.location)
-            if path is None:
-                raise InvalidResult(f"{name}: remote quarantine is not readable by this validator")
             if is_archive(name):
                 check_archive(name, path, settings.max_archive_unpacked)
             checked[name] = Output(name, path, f.size, f.sha256)
@@ -99,6 +115,50 @@ def _apply(conn: Connection, task: Any, job: Any, verdict: Verdict, settings: Se
     return True
 
 
+def fetch_remote_outputs(
+    engine: Engine, quarantine: XRootDStorage, task: Any, job: Any, recorded: list[Any], workdir: Path
+) -> tuple[list[Any], dict[str, tuple[Digest, Path]]]:
+    """Volunteers upload straight to a remote quarantine, so the gateway learns of a file here: each
+    declared output found on the server is recorded (attributed to the task's volunteer and host, checksums
+    measured, never the volunteer's word) and copied to `workdir` for the checks that need its bytes.
+
+    A file larger than declared, or whose server adler32 and size already differ from the report, is
+    recorded but not downloaded (its sha256 stays unknown, ""): it is invalid whatever its bytes."""
+    by_name = {f.name: f for f in recorded}
+    reported = {o["name"]: o for o in (task.reported_outputs or [])}
+    fetched: dict[str, tuple[Digest, Path]] = {}
+    new = False
+    for declared in job.spec["outputs"]:
+        name, max_size = declared["name"], int(declared["max_size"])
+        key = output_key(task.volunteer_id, task.id, name)
+        server = quarantine.checksum(key)
+        if server is None:
+            continue
+        claim = reported.get(name)
+        digest = Digest(server[0], server[1], "")
+        if server[0] <= max_size and claim is not None and (claim["size"], claim["adler32"]) == server:
+            local = workdir / name
+            try:
+                digest = quarantine.download(key, local)
+            except DigestMismatch:
+                continue  # changed while we read it: judged missing now, checked again on the next pass
+            fetched[name] = (digest, local)
+        if name not in by_name:
+            target = UploadTarget(task.volunteer_id, task.id, name, task.job_id, task.host_id, max_size)
+            with engine.begin() as conn:
+                new |= record_upload(conn, target, digest, None)
+    if new:
+        with read(engine) as conn:
+            recorded = list(
+                conn.execute(
+                    select(schema.files).where(
+                        schema.files.c.kind == "output", schema.files.c.task_id == task.id
+                    )
+                )
+            )
+    return recorded, fetched
+
+
 def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *, limit: int = 200) -> int:
     """Judge up to `limit` reported tasks; returns how many verdicts were recorded."""
     t, j, f = schema.tasks, schema.jobs, schema.files
@@ -121,7 +181,13 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
     for task in rows:
         job = jobs[task.job_id]
         try:
-            verdict = judge(task, job, files.get(task.id, []), quarantine, settings)
+            with tempfile.TemporaryDirectory(prefix="airlock-validate-") as workdir:
+                outputs, fetched = files.get(task.id, []), None
+                if isinstance(quarantine, XRootDStorage):
+                    outputs, fetched = fetch_remote_outputs(
+                        engine, quarantine, task, job, outputs, Path(workdir)
+                    )
+                verdict = judge(task, job, outputs, quarantine, settings, fetched)
         except Exception:  # a bug of ours, not the volunteer's fault: leave the task for a retry
             log.exception("validator failed on task %s; will retry", task.id)
             continue
