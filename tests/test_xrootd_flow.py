@@ -134,6 +134,9 @@ def test_outputs_go_straight_to_xrootd_are_validated_and_assimilated(xapi: XApi)
     store = xapi.gw.trusted
     assert store.stat(trusted.location) == want
     assert not store.exists(out.location)  # the quarantined copy is gone
+    r = xapi.op("GET", f"/api/v1/jobs/{jid}/outputs/out.txt")  # relayed from trusted storage
+    assert r.status_code == 200 and r.content == b"the result\n"
+    assert r.headers["digest"] == f"adler32={want.adler32}"
 
 
 def test_lying_or_oversized_direct_uploads_are_invalid(xapi: XApi) -> None:
