@@ -27,6 +27,9 @@ class Settings(BaseModel):
     open_registration: bool = False
     issuer: str | None = Field(default=None, description="token issuer; public_url if unset")
     access_token_ttl_s: int = Field(default=3600, ge=60)
+    ca_dn_base: str = Field(default="/DC=org/DC=airlock", description="DN base of the gateway's CA")
+    eec_lifetime_s: int = Field(default=7 * 86400, ge=3600, description="volunteer end-entity certificates")
+    proxy_lifetime_s: int = Field(default=12 * 3600, ge=300, description="volunteer X.509 proxies (at most)")
     lease_s: int = Field(
         default=600, ge=5, description="a lease not renewed by a heartbeat this long is lost"
     )

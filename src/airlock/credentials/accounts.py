@@ -60,9 +60,8 @@ def require_active(conn: Connection, volunteer_id: int) -> None:
         raise Forbidden("this volunteer account is blocked")
 
 
-def login(engine: Engine, issuer: TokenIssuer, username: str, password: str, ttl: timedelta) -> Issued:
-    """Check the password (deliberately slow: argon2) outside any write transaction, then issue the
-    token and record it in a short one."""
+def check_password(engine: Engine, username: str, password: str) -> int:
+    """The volunteer id if the password is right (deliberately slow: argon2, outside any transaction)."""
     with read(engine) as conn:
         row = conn.execute(
             select(schema.volunteers.c.id, schema.volunteers.c.password_hash).where(
@@ -76,11 +75,27 @@ def login(engine: Engine, issuer: TokenIssuer, username: str, password: str, ttl
         ok = False
     if not ok or row is None:
         raise Unauthorized("wrong user name or password")
+    return int(row.id)
+
+
+def check_authenticator(conn: Connection, authenticator: str) -> int:
+    """The volunteer id of a BOINC account key."""
+    vid = conn.execute(
+        select(schema.volunteers.c.id).where(schema.volunteers.c.authenticator == authenticator)
+    ).scalar_one_or_none()
+    if vid is None:
+        raise Unauthorized("unknown authenticator")
+    return int(vid)
+
+
+def login(engine: Engine, issuer: TokenIssuer, username: str, password: str, ttl: timedelta) -> Issued:
+    """Check the password, then issue the token and record it in a short transaction."""
+    vid = check_password(engine, username, password)
     with engine.begin() as conn:
-        require_active(conn, row.id)
-        issued = issuer.issue(row.id, list(COMPUTE_SCOPES), utcnow(), ttl)
-        record_credential(conn, issued, "access", row.id)
-        record_event(conn, f"volunteer:{row.id}", "volunteer.login", "volunteer", row.id, {"jti": issued.jti})
+        require_active(conn, vid)
+        issued = issuer.issue(vid, list(COMPUTE_SCOPES), utcnow(), ttl)
+        record_credential(conn, issued, "access", vid)
+        record_event(conn, f"volunteer:{vid}", "volunteer.login", "volunteer", vid, {"jti": issued.jti})
     return issued
 
 
