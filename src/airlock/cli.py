@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="run the demo on this database instead of SQLite")
     p.add_argument("--keep", action="store_true", help="keep the work dir of an earlier run")
     p.set_defaults(func=cmd_demo)
+
+    from airlock.credentials.commands import add_commands
+
+    add_commands(sub, gateway_args)
     return parser
 
 
