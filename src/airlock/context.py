@@ -37,7 +37,7 @@ class Gateway:
         if not keys:
             raise RuntimeError(f"no signing key in {settings.keys_dir}: run `airlock init` first")
         local = LocalStorage(settings.storage_dir)
-        issuer = TokenIssuer(settings.token_issuer, keys)
+        issuer = TokenIssuer(settings.token_issuer, keys, keys_dir=settings.keys_dir)
         bridge: Storage = local if settings.bridge == "local" else open_xrootd(settings, issuer)
         return cls(
             settings=settings,

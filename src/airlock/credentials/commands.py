@@ -28,7 +28,8 @@ def add_commands(sub: Any, gateway_args: Callable[[argparse.ArgumentParser], Non
         "keys", help="token-signing keys: list, or rotate (new key signs; old ones still verify)"
     )
     gateway_args(p)
-    p.add_argument("action", choices=["list", "rotate"])
+    p.add_argument("action", choices=["list", "rotate", "retire"])
+    p.add_argument("kid", nargs="?", help="retire: the key id (once its tokens have expired)")
     p.set_defaults(func=cmd_keys)
 
 
@@ -83,15 +84,26 @@ def cmd_ca(ns: argparse.Namespace) -> int:
 
 def cmd_keys(ns: argparse.Namespace) -> int:
     from airlock.cli import _settings
-    from airlock.credentials.keys import generate_signing_key, load_signing_keys
+    from airlock.core.errors import BadInput
+    from airlock.credentials.keys import generate_signing_key, load_signing_keys, retire_signing_key
+    from airlock.credentials.tokens import KEYS_RECHECK_S
 
     settings = _settings(ns)
     if ns.action == "rotate":
         key = generate_signing_key(settings.keys_dir)
         console.print(
-            f"new signing key {key.kid}: restart the gateway to sign with it; the older keys stay in the "
-            "JWKS and still verify tokens in flight"
+            f"new signing key {key.kid}: the gateway signs with it within {KEYS_RECHECK_S:.0f} s; the older "
+            "keys stay in the JWKS and still verify tokens in flight (`airlock keys retire KID` later)"
         )
+        return 0
+    if ns.action == "retire":
+        if not ns.kid:
+            raise BadInput("`airlock keys retire` needs a key id")
+        try:
+            retire_signing_key(settings.keys_dir, ns.kid)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
+        console.print(f"retired {ns.kid}")
         return 0
     for i, key in enumerate(load_signing_keys(settings.keys_dir)):
         console.print(f"{key.kid} {'signs' if i == 0 else 'verifies'}", highlight=False)

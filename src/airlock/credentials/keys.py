@@ -79,3 +79,13 @@ def load_signing_keys(keys_dir: Path) -> list[SigningKey]:
             raise ValueError(f"{path} is not an EC key")
         keys.append(SigningKey(path.stem.removeprefix("token-"), private))
     return keys
+
+
+def retire_signing_key(keys_dir: Path, kid: str) -> None:
+    """Remove an old key (tokens it signed stop verifying). The current signing key cannot be retired."""
+    keys = load_signing_keys(keys_dir)
+    if kid not in {k.kid for k in keys}:
+        raise ValueError(f"no signing key {kid!r}")
+    if keys[0].kid == kid:
+        raise ValueError(f"{kid} is the current signing key: rotate first")
+    (keys_dir / f"token-{kid}.pem").unlink()

@@ -11,13 +11,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import jwt
 from sqlalchemy import Connection, insert
 
 from airlock.core.errors import Forbidden, Unauthorized
-from airlock.credentials.keys import SigningKey
+from airlock.credentials.keys import SigningKey, load_signing_keys
 from airlock.db import schema
 
 WLCG_VERSION = "1.0"
@@ -25,6 +26,7 @@ COMPUTE_SCOPES = ("compute.read", "compute.modify", "compute.create")
 ALGORITHM = "ES256"
 LEEWAY_S = 5
 VERIFIED_CACHE_SIZE = 100_000
+KEYS_RECHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,23 +52,55 @@ def quarantine_path(volunteer_id: int, task_id: int) -> str:
 
 
 class TokenIssuer:
-    def __init__(self, issuer: str, keys: list[SigningKey], audience: str | None = None) -> None:
+    """Signs with the newest key; verifies with any key still in the folder (rotation keeps tokens in
+    flight valid). With `keys_dir`, a key added by `airlock keys rotate` is picked up without a restart:
+    at most KEYS_RECHECK_S later for signing, at once for verifying a token that names it."""
+
+    def __init__(
+        self, issuer: str, keys: list[SigningKey], audience: str | None = None, keys_dir: Path | None = None
+    ) -> None:
         if not keys:
             raise ValueError("no token-signing key: run `airlock init` first")
         self.issuer = issuer
         self.audience = audience or issuer
-        self.keys = keys
-        self._by_kid = {k.kid: k.public for k in keys}
+        self.keys_dir = keys_dir
+        self._use(keys)
         self._verified: dict[str, Claims] = {}
+        self._checked = time.monotonic()
+        self._dir_mtime = self._mtime()
+
+    def _use(self, keys: list[SigningKey]) -> None:
+        self._by_kid = {k.kid: k.public for k in keys}
+        self.keys = keys
+
+    def _mtime(self) -> int:
+        return self.keys_dir.stat().st_mtime_ns if self.keys_dir is not None else 0
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Reload the keys if the folder changed (checked at most every KEYS_RECHECK_S unless forced)."""
+        if self.keys_dir is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._checked < KEYS_RECHECK_S:
+            return
+        self._checked = now
+        mtime = self._mtime()
+        if mtime != self._dir_mtime:
+            keys = load_signing_keys(self.keys_dir)
+            if keys:
+                self._dir_mtime = mtime
+                self._use(keys)
 
     @property
     def current(self) -> SigningKey:
         return self.keys[0]
 
     def jwks(self) -> dict[str, Any]:
+        self.refresh()
         return {"keys": [k.jwk() for k in self.keys]}
 
     def issue(self, volunteer_id: int, scopes: list[str], now: datetime, ttl: timedelta) -> Issued:
+        self.refresh()
         jti = uuid.uuid4().hex
         scope = " ".join(scopes)
         iat = int(now.timestamp())
@@ -113,7 +147,10 @@ class TokenIssuer:
             raise Unauthorized(f"malformed token: {exc}") from exc
         if header.get("alg") != ALGORITHM:
             raise Unauthorized(f"token algorithm {header.get('alg')!r} is not accepted")
-        key = self._by_kid.get(str(header.get("kid")))
+        kid = str(header.get("kid"))
+        if kid not in self._by_kid:
+            self.refresh(force=True)
+        key = self._by_kid.get(kid)
         if key is None:
             raise Unauthorized("token signed by an unknown key")
         try:
