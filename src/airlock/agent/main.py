@@ -33,6 +33,7 @@ from types import FrameType
 from airlock.agent import host as hostinfo
 from airlock.agent.client import ApiError, Blocked, Cancelled, LoginFailed, ServerClient
 from airlock.agent.faults import MODES, behaviour
+from airlock.agent.proxy import ProxyKeeper, add_proxy_arguments, basic_auth
 from airlock.agent.runner import Outcome, TaskContext, TaskRunner
 from airlock.agent.sandbox import Sandbox, SandboxError
 from airlock.core.schemas import TaskAssignment, WorkRequest
@@ -60,6 +61,8 @@ class AgentOptions:
     host_name: str | None = None
     timeout_s: float = 30.0
     install_signal_handlers: bool = True
+    proxy_file: Path | None = None
+    proxy_lifetime_s: int = 12 * 3600
 
     def __repr__(self) -> str:  # keep the password out of logs and tracebacks
         return f"AgentOptions(server={self.server!r}, user={self.user!r}, slots={self.slots}, ...)"
@@ -98,6 +101,7 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host-name", default=None, help="name of this host shown to the operator")
     parser.add_argument("--misbehave", choices=MODES, default=None, help=argparse.SUPPRESS)
+    add_proxy_arguments(parser)
 
 
 def _password(ns: argparse.Namespace) -> str:
@@ -125,6 +129,8 @@ def options_from_args(ns: argparse.Namespace) -> AgentOptions:
         misbehave=ns.misbehave,
         poll_max_s=ns.poll_max,
         host_name=ns.host_name,
+        proxy_file=ns.proxy_file,
+        proxy_lifetime_s=ns.proxy_lifetime,
     )
 
 
@@ -216,6 +222,9 @@ class Agent:
                 previous[sig] = signal.signal(sig, self._signal)
         try:
             self.client.login()
+            if (proxy_file := self.opts.proxy_file) is not None:
+                auth = basic_auth(self.opts.user, self.opts.password)
+                ProxyKeeper(self.client.http, auth, proxy_file, self.opts.proxy_lifetime_s, self.kill).start()
             host_id = self._host_id()
             ctx = TaskContext(self.client, self.sandbox, host_id, self.work_dir / "tasks", self.behaviour)
             return self._loop(ctx)

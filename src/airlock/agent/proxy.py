@@ -5,6 +5,7 @@ The private key is generated on this machine and written only into the proxy fil
 
 from __future__ import annotations
 
+import argparse
 import base64
 import logging
 import os
@@ -18,6 +19,8 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from airlock.agent.client import ApiError, Blocked
 
 log = logging.getLogger("airlock.agent.proxy")
 KEY_BITS = 2048
@@ -40,6 +43,18 @@ def new_request() -> tuple[rsa.RSAPrivateKey, str]:
     return key, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--proxy-file",
+        type=Path,
+        default=None,
+        help="keep an X.509 proxy here (proxy, its key made locally, EEC; renewed while the agent runs)",
+    )
+    parser.add_argument(
+        "--proxy-lifetime", type=int, default=12 * 3600, metavar="S", help="proxy lifetime asked for (s)"
+    )
+
+
 def basic_auth(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
@@ -54,7 +69,14 @@ def fetch_proxy(
         body["lifetime_s"] = lifetime_s
     r = http.post("/api/v1/credentials/x509", json=body, headers=headers)
     if r.status_code != 200:
-        raise RuntimeError(f"proxy request refused ({r.status_code}): {r.text}")
+        try:
+            error = r.json()
+            code, message = str(error["error"]), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            code, message = "http_error", r.text[:200]
+        raise (Blocked if r.status_code == 403 else ApiError)(
+            r.status_code, code, f"proxy refused: {message}"
+        )
     reply = r.json()
     write_proxy_file(path, reply["proxy"], key, reply["eec"])
     if "ca_chain" in reply:
@@ -82,18 +104,14 @@ def write_proxy_file(path: Path, proxy_pem: str, key: rsa.RSAPrivateKey, eec_pem
     os.replace(tmp, path)
 
 
-def remaining(path: Path, now: datetime | None = None) -> timedelta | None:
-    """How long the proxy at `path` is still valid, None if there is none."""
+def needs_renewal(path: Path, now: datetime | None = None) -> bool:
+    """No proxy at `path`, or less than RENEW_FRACTION of its own lifetime left."""
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except (FileNotFoundError, ValueError):
-        return None
-    return cert.not_valid_after_utc - (now or datetime.now(UTC))
-
-
-def needs_renewal(path: Path, lifetime: timedelta, now: datetime | None = None) -> bool:
-    left = remaining(path, now)
-    return left is None or left < lifetime * RENEW_FRACTION
+        return True
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_after_utc - (now or datetime.now(UTC)) < lifetime * RENEW_FRACTION
 
 
 class ProxyKeeper:
@@ -107,8 +125,8 @@ class ProxyKeeper:
         self.stop = stop
         self.thread: threading.Thread | None = None
 
-    def ensure(self) -> None:
-        if needs_renewal(self.path, self.lifetime):
+    def ensure(self, now: datetime | None = None) -> None:
+        if needs_renewal(self.path, now):
             proxy = fetch_proxy(self.http, self.headers, self.path, int(self.lifetime.total_seconds()))
             log.info(
                 "proxy for %s written to %s (valid until %s)", proxy.identity, self.path, proxy.not_after
@@ -123,5 +141,5 @@ class ProxyKeeper:
         while not self.stop.wait(max(self.lifetime.total_seconds() * RENEW_FRACTION / 4, 1.0)):
             try:
                 self.ensure()
-            except (httpx.HTTPError, RuntimeError) as exc:
+            except (httpx.HTTPError, ApiError) as exc:
                 log.warning("proxy renewal failed (will retry): %s", exc)
