@@ -356,6 +356,7 @@ NOT_OPERATOR = {
     ("PUT", "/quarantine/{volunteer_id}/{task_id}/{name}"),
     ("GET", "/.well-known/openid-configuration"),
     ("POST", "/api/v1/credentials/x509"),
+    ("POST", "/api/v1/auth/refresh"),
     ("GET", "/api/v1/ca/certificate"),
     ("GET", "/api/v1/ca/crl"),
 }

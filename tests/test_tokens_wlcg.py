@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from airlock.credentials.keys import generate_signing_key, load_signing_keys, retire_signing_key
 from airlock.credentials.tokens import COMPUTE_SCOPES, TokenIssuer
+from airlock.db import schema
 from airlock.db.engine import utcnow
 
 from .helpers import Api, assert_error, job
@@ -183,3 +184,22 @@ def _hs256(api: Api, volunteer_id: int) -> str:
     secret = json.dumps(api.gw.issuer.current.jwk()).encode()
     sig = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
     return f"{header}.{payload}.{b64(sig)}"
+
+
+def test_refresh_gives_a_new_access_token_to_active_volunteers_only(api: Api) -> None:
+    api.submit(job("a"))
+    v = api.volunteer()
+    r = api.client.post("/api/v1/auth/refresh", headers=v.auth)
+    assert r.status_code == 200, r.text
+    fresh = r.json()
+    assert fresh["access_token"] != v.token and fresh["expires_in"] == api.gw.settings.access_token_ttl_s
+    assert api.gw.issuer.verify(fresh["access_token"]).volunteer_id == v.id
+    c = schema.credentials
+    jti = jwt.decode(fresh["access_token"], options={"verify_signature": False})["jti"]
+    assert api.count(c, c.c.jti == jti, c.c.kind == "access", c.c.volunteer_id == v.id) == 1
+    (task,) = v.work()
+    upload = {"Authorization": f"Bearer {task['upload_token']}"}
+    assert_error(api.client.post("/api/v1/auth/refresh", headers=upload), 403, "compute scopes")
+    assert_error(api.client.post("/api/v1/auth/refresh"), 401)
+    api.op("POST", f"/api/v1/volunteers/{v.id}/block")
+    assert_error(api.client.post("/api/v1/auth/refresh", headers=v.auth), 403, "blocked")

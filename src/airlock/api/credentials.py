@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, Field
 
-from airlock.api.deps import GatewayDep, Operator
+from airlock.api.deps import GatewayDep, Operator, Volunteer
 from airlock.core.errors import BadInput, Unauthorized
-from airlock.core.schemas import Strict
+from airlock.core.schemas import Strict, TokenResponse
 from airlock.credentials import accounts, crl
 from airlock.credentials.ca import CA, load_ca
-from airlock.credentials.tokens import COMPUTE_SCOPES, require_compute
+from airlock.credentials.tokens import COMPUTE_SCOPES, record_credential, require_compute
 from airlock.credentials.vccs import VCCS
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import record_event
@@ -115,6 +115,18 @@ def issue_proxy(
         serial=issued.serial,
         not_after=issued.not_after,
     )
+
+
+@router.post("/api/v1/auth/refresh", tags=["volunteer"])
+def refresh(gw: GatewayDep, who: Volunteer) -> TokenResponse:
+    """A fresh access token for a valid one: an agent renews without sending its password again (an
+    active volunteer only; the new token is recorded like a login's)."""
+    ttl = timedelta(seconds=gw.settings.access_token_ttl_s)
+    with gw.engine.begin() as conn:
+        accounts.require_active(conn, who.volunteer_id)
+        issued = gw.issuer.issue(who.volunteer_id, list(COMPUTE_SCOPES), utcnow(), ttl)
+        record_credential(conn, issued, "access", who.volunteer_id)
+    return TokenResponse(access_token=issued.token, expires_in=int(ttl.total_seconds()), scope=issued.scope)
 
 
 @router.get("/api/v1/ca/certificate", tags=["public"], response_class=Response)
