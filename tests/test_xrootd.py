@@ -180,3 +180,25 @@ def test_gateway_storage_token_is_refused_by_the_gateway_api(issuer: TokenIssuer
         issuer.verify(token)
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["aud"] == STORAGE_AUDIENCE and "storage.modify:/trusted" in claims["scope"].split()
+
+
+def test_a_dead_server_is_revived_with_its_files_port_and_certificate(
+    issuer: TokenIssuer, tmp_path: Path
+) -> None:
+    srv = start_xrootd(XRootDServer(issuer.issuer, issuer.jwks(), [STORAGE_AUDIENCE]))
+    store = XRootDStorage(
+        srv.url, GatewayToken(issuer, STORAGE_AUDIENCE), ca_file=srv.pki.ca_file, timeout_s=5
+    )
+    try:
+        (tmp_path / "f").write_bytes(b"kept")
+        store.copy_in("trusted/1/1/f", tmp_path / "f", digest_bytes(b"kept"))
+        assert srv.revive() is False  # alive: left alone
+        assert srv._proc is not None
+        srv._proc.kill()
+        srv._proc.wait()
+        assert not srv.answers(timeout_s=1)
+        assert srv.revive() is True
+        assert store.stat("trusted/1/1/f") == digest_bytes(b"kept")  # same CA, same port, same files
+    finally:
+        store.close()
+        srv.stop()

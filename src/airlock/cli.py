@@ -253,6 +253,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
             keep=ns.keep,
             events=ns.events,
             database_url=ns.database_url,
+            bridge=ns.bridge,
         )
     )
 
@@ -349,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("airlock-demo"))
     p.add_argument("--database-url", help="run the demo on this database instead of SQLite")
     p.add_argument("--keep", action="store_true", help="keep the work dir of an earlier run")
+    p.add_argument(
+        "--bridge",
+        choices=["local", "xrootd"],
+        default="local",
+        help="xrootd: a private XRootD server (run as the xrootd user) as data bridge and trusted storage",
+    )
     p.set_defaults(func=cmd_demo)
 
     from airlock.credentials.commands import add_commands

@@ -27,11 +27,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from airlock.agent.sandbox import Sandbox, SandboxError
 from airlock.api.process import GatewayProcess, free_port, stop_process
-from airlock.config import load_settings
+from airlock.config import Settings, load_settings
 from airlock.context import Gateway, initialise
+from airlock.credentials.keys import load_signing_keys
+from airlock.credentials.tokens import TokenIssuer
 from airlock.db.engine import read
 from airlock.db.migrate import upgrade
 from airlock.operator_client import OperatorClient
+from airlock.storage.xrootd_server import XRootDServer
 
 LBMC = Path(__file__).with_name("lbmc.py")
 MISBEHAVIOURS = ["vanish", "corrupt", "tamper", "fail", "extra"]
@@ -47,6 +50,7 @@ class DemoOptions:
     keep: bool = False
     database_url: str | None = None
     timeout_s: float = 600.0
+    bridge: str = "local"  # or "xrootd": a private XRootD server as quarantine and trusted storage
 
 
 def sandbox_available() -> bool:
@@ -113,10 +117,12 @@ class Demo:
             # while an honest one (~50 tasks in this demo) never meets it
             "AIRLOCK_DAILY_QUOTA_PER_CORE": "30",
         }
+        self.agent_env: dict[str, str] = {"AIRLOCK_PASSWORD": PASSWORD}
         if opts.database_url:
             self.env["AIRLOCK_DATABASE_URL"] = opts.database_url
         self.server: GatewayProcess | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
+        self.storage: XRootDServer | None = None
 
     # ------------------------------------------------------------------------------------------ steps
     def prepare(self) -> Gateway:
@@ -131,9 +137,24 @@ class Demo:
             bind_port=self.port,
         )
         initialise(settings)
+        if self.opts.bridge == "xrootd":
+            settings = self.start_storage(settings)
         gw = Gateway.open(settings)
         upgrade(gw.engine)
         return gw
+
+    def start_storage(self, settings: Settings) -> Settings:
+        """A private XRootD trusting the gateway's token issuer; volunteers upload to it directly."""
+        issuer = TokenIssuer(settings.token_issuer, load_signing_keys(settings.keys_dir))
+        port = free_port()
+        url = f"https://localhost:{port}"
+        self.storage = XRootDServer(issuer.issuer, issuer.jwks(), [issuer.audience, url], port=port).start()
+        ca = str(self.storage.pki.ca_file)
+        self.env.update(AIRLOCK_BRIDGE="xrootd", AIRLOCK_STORAGE_URL=url, AIRLOCK_STORAGE_CA_FILE=ca)
+        self.agent_env["SSL_CERT_FILE"] = ca  # the agents trust the storage's (test) CA
+        return settings.model_copy(
+            update={"bridge": "xrootd", "storage_url": url, "storage_ca_file": self.storage.pki.ca_file}
+        )
 
     def start_server(self) -> None:
         self.server = GatewayProcess(
@@ -172,7 +193,7 @@ class Demo:
             log = (self.root / "logs" / f"agent-{name}.log").open("wb")
             self.agents.append(
                 subprocess.Popen(
-                    cmd, env={**self.env, "AIRLOCK_PASSWORD": PASSWORD}, stdout=log, stderr=subprocess.STDOUT
+                    cmd, env={**self.env, **self.agent_env}, stdout=log, stderr=subprocess.STDOUT
                 )
             )
             pool.append((name, role))
@@ -192,12 +213,17 @@ class Demo:
         ) as progress:
             bar = progress.add_task("jobs done", total=total, states="")
             deadline = time.monotonic() + self.opts.timeout_s
+            next_check = time.monotonic()
             while time.monotonic() < deadline:
                 states = client.call("GET", f"/api/v1/batches/{batch_id}")["jobs_by_state"]
                 summary = "  ".join(f"{k} {v}" for k, v in sorted(states.items()))
                 progress.update(bar, completed=states.get("done", 0), states=summary)
                 if sum(states.get(s, 0) for s in final) >= total:
                     break
+                if self.storage is not None and time.monotonic() > next_check:
+                    next_check = time.monotonic() + 5
+                    if self.storage.revive():
+                        self.console.print("[yellow]XRootD stopped answering and was restarted[/yellow]")
                 time.sleep(0.5)
         return states
 
@@ -210,12 +236,23 @@ class Demo:
         if self.server is not None:
             self.server.stop()
 
+    def stop_storage(self) -> None:
+        if self.storage is not None:
+            self.storage.stop()
+
 
 def run_demo(opts: DemoOptions) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=140)
     demo = Demo(opts, console)
     started = time.monotonic()
-    gw = demo.prepare()
+    try:
+        gw = demo.prepare()
+        return _run(demo, gw, opts, console, started)
+    finally:
+        demo.stop_storage()
+
+
+def _run(demo: Demo, gw: Gateway, opts: DemoOptions, console: Console, started: float) -> int:
     sandboxed = sandbox_available()
     if not sandboxed:
         console.print(
@@ -225,6 +262,8 @@ def run_demo(opts: DemoOptions) -> int:
     try:
         demo.start_server()
         console.print(f"gateway on {demo.url}  (data: {demo.root / 'gateway'}, logs: {demo.root / 'logs'})")
+        if demo.storage is not None:
+            console.print(f"XRootD data bridge and trusted storage on {demo.storage.url}")
         with OperatorClient(demo.url, demo.operator_token) as client:
             lbmc = client.upload_input(LBMC.read_bytes())
             batch = client.submit(batch_description(opts.jobs, opts.events, lbmc["sha256"]))

@@ -39,6 +39,7 @@ GATEWAY_SUBJECT = "airlock-gateway"
 TOKEN_TTL_S = 1200
 TOKEN_RENEW_BEFORE_S = 300
 DAV = "{DAV:}"
+IDEMPOTENT = frozenset({"HEAD", "GET", "PROPFIND", "DELETE"})
 
 
 class GatewayToken:
@@ -110,11 +111,14 @@ class XRootDStorage:
         token: GatewayToken,
         *,
         ca_file: Path | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = 30.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._base_path = urlsplit(self.base_url).path.rstrip("/")
+        # One request at a time over a kept-alive connection: XRootD 5.5.3's XrdHttp was seen to stop
+        # answering (TLS handshakes time out) under concurrent connections from one client.
+        self._io = threading.Lock()
         self._client = httpx.Client(
             verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
             timeout=timeout_s,
@@ -138,10 +142,17 @@ class XRootDStorage:
         headers: dict[str, str] | None = None,
         content: Iterator[bytes] | None = None,
     ) -> httpx.Response:
-        try:
-            return self._client.request(method, self.url(key), headers=self._auth(headers), content=content)
-        except httpx.HTTPError as exc:
-            raise StorageError(f"{method} {key}: {exc}") from exc
+        url, attempts = self.url(key), 2 if method in IDEMPOTENT else 1
+        with self._io:
+            for attempt in range(attempts):
+                try:
+                    return self._client.request(method, url, headers=self._auth(headers), content=content)
+                except httpx.RemoteProtocolError as exc:  # XrdHttp closed the kept-alive connection
+                    if attempt + 1 == attempts:
+                        raise StorageError(f"{method} {key}: {exc}") from exc
+                except httpx.HTTPError as exc:
+                    raise StorageError(f"{method} {key}: {exc}") from exc
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _fail(resp: httpx.Response, what: str) -> StorageError:
@@ -165,17 +176,20 @@ class XRootDStorage:
 
     def download(self, key: str, dest: Path) -> Digest:
         """Copy the file to `dest`, hashing it; the bytes must match the server's own adler32."""
-        with self._client.stream("GET", self.url(key), headers=self._auth()) as r:
-            if r.status_code == 404:
-                raise FileNotFoundError(key)
-            if r.status_code != 200:
-                r.read()
-                raise self._fail(r, f"GET {key}")
-            d = StreamingDigest()
-            with dest.open("xb") as fh:
-                for chunk in r.iter_bytes(CHUNK):
-                    d.update(chunk)
-                    fh.write(chunk)
+        d = StreamingDigest()
+        with self._io, dest.open("xb") as fh:
+            try:
+                with self._client.stream("GET", self.url(key), headers=self._auth()) as r:
+                    if r.status_code == 404:
+                        raise FileNotFoundError(key)
+                    if r.status_code != 200:
+                        r.read()
+                        raise self._fail(r, f"GET {key}")
+                    for chunk in r.iter_bytes(CHUNK):
+                        d.update(chunk)
+                        fh.write(chunk)
+            except httpx.HTTPError as exc:
+                raise StorageError(f"GET {key}: {exc}") from exc
         got = d.digest()
         server = self.checksum(key)
         if server != (got.size, got.adler32):
@@ -311,7 +325,8 @@ class XRootDStorage:
                     yield key
 
     def _root_propfind(self) -> httpx.Response:
-        return self._client.request("PROPFIND", self.base_url + "/", headers=self._auth({"Depth": "1"}))
+        with self._io:
+            return self._client.request("PROPFIND", self.base_url + "/", headers=self._auth({"Depth": "1"}))
 
 
 def open_xrootd(settings: Settings, issuer: TokenIssuer) -> XRootDStorage:

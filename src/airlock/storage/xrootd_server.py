@@ -140,6 +140,7 @@ def render_config(*, root: Path, port: int, pki: TestPKI, scitokens_cfg: Path, a
             f"xrd.tls {pki.cert_file} {pki.key_file}",
             f"xrd.tlsca certfile {pki.ca_file}",
             "http.header2cgi Authorization authz",
+            "http.tlsreuse off",
             "xrootd.chksum adler32",
             "xrootd.seclib libXrdSec.so",
             "sec.protocol ztn",
@@ -177,6 +178,8 @@ class XRootDServer:
     pki: TestPKI = field(init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _owned_folder: bool = field(default=False, init=False)
+    _cmd: list[str] = field(default_factory=list, init=False)
+    _env: dict[str, str] = field(default_factory=dict, init=False)
 
     @property
     def url(self) -> str:
@@ -219,20 +222,47 @@ class XRootDServer:
                 root=self.data_root, port=self.port, pki=self.pki, scitokens_cfg=scitokens_cfg, admin=admin
             )
         )
-        cmd = [binary, "-c", str(cfg), "-l", str(self.log_file), "-n", f"airlock{self.port}"]
+        self._cmd = [binary, "-c", str(cfg), "-l", str(self.log_file), "-n", f"airlock{self.port}"]
         if os.geteuid() == 0:
             _give_to_service_user(self.folder)
-            cmd[1:1] = ["-R", SERVICE_USER]
-        env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "HOME": str(self.folder)}
-        self._proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+            self._cmd[1:1] = ["-R", SERVICE_USER]
+        self._env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "HOME": str(self.folder)}
         try:
-            self._wait_ready()
+            self._launch()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _launch(self) -> None:
+        self._proc = subprocess.Popen(
+            self._cmd,
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_ready()
+
+    def answers(self, timeout_s: float = 5.0) -> bool:
+        """Whether the server completes a TLS handshake and answers a request in time."""
+        ctx = ssl.create_default_context(cafile=self.pki.ca_file)
+        try:
+            with httpx.Client(verify=ctx, timeout=timeout_s) as client:
+                client.request("HEAD", f"{self.url}/")
+        except httpx.TransportError:
+            return False
+        return True
+
+    def revive(self) -> bool:
+        """Restart the server (same port, files and certificate) if it died or stopped answering;
+        True if it had to. XRootD 5.5.3's XrdHttp can hang or crash under concurrent TLS connections
+        (upstream xrootd/xrootd#1940, #2226); a long-running demo must outlive that."""
+        if self._proc is not None and self._proc.poll() is None and self.answers():
+            return False
+        self._kill()
+        self._launch()
+        return True
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -255,7 +285,7 @@ class XRootDServer:
             return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
         return "(no log)"
 
-    def stop(self) -> None:
+    def _kill(self) -> None:
         """SIGTERM, then SIGKILL after a short grace: XRootD exits slowly."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
@@ -265,6 +295,9 @@ class XRootDServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def stop(self) -> None:
+        self._kill()
         if self._owned_folder and self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
