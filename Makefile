@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 APT_PACKAGES := bubblewrap postgresql boinc-client xrootd-server xrootd-scitokens-plugins xrootd-client \
                 globus-proxy-utils voms-clients
 
-.PHONY: demo test test-fast lint typecheck bench venv system-deps postgres clean
+.PHONY: demo demo-xrootd test test-fast lint typecheck bench venv system-deps postgres clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 	@dpkg -s bubblewrap >/dev/null 2>&1 || $(MAKE) --no-print-directory APT_PACKAGES=bubblewrap system-deps \
 	  || echo "bubblewrap could not be installed: the demo's agents will run unsandboxed"
 	$(BIN)/airlock demo
+
+## make demo-xrootd: the same demo with a private XRootD server (HTTPS, SciTokens) as data bridge and
+## trusted storage; volunteers upload to it directly
+demo-xrootd: system-deps $(STAMP)
+	$(BIN)/airlock demo --bridge xrootd
 
 ## system packages the tests use: bubblewrap (sandbox), PostgreSQL (second backend), the BOINC client,
 ## XRootD with its SciTokens plugin, and the grid tools that check our certificates

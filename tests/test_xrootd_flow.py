@@ -145,13 +145,31 @@ def test_lying_or_oversized_direct_uploads_are_invalid(xapi: XApi) -> None:
         job("b", outputs=[{"name": "out.txt", "max_size": 10}]),
     )
     v = xapi.volunteer()
-    lied = run_task(xapi, v, {"out.txt": b"bytes 1\n"}, reported={"out.txt": b"other 1\n"})
+    (t,) = v.work()
+    assert direct_upload(xapi, t, b"bytes 1\n", "out.txt").status_code in (200, 201)
+    extra = t["outputs"][0]["upload_url"].replace("out.txt", "extra.bin")
+    ctx = ssl.create_default_context(cafile=xapi.server.pki.ca_file)
+    r = httpx.put(
+        extra, content=b"junk", headers={"Authorization": f"Bearer {t['upload_token']}"}, verify=ctx
+    )
+    assert r.status_code in (200, 201)  # the storage cannot restrict names under the task's path
+    assert v.report(t, 0, {"out.txt": b"other 1\n"}).status_code == 200
+    lied = int(t["task_id"])
     big = run_task(xapi, v, {"out.txt": b"x" * 1000})
     validate_pending(xapi.gw.engine, xapi.gw.quarantine, xapi.gw.settings)
     assert task_state(xapi, lied).state == "invalid"
     assert "checksums differ" in task_state(xapi, lied).verdict
     assert task_state(xapi, big).state == "invalid"
     assert "more than the declared" in task_state(xapi, big).verdict
+    # the undeclared file was removed, on record
+    assert not xapi.gw.quarantine.exists(f"quarantine/{v.id}/{lied}/extra.bin")
+    with read(xapi.gw.engine) as conn:
+        removed = conn.execute(
+            select(schema.events).where(schema.events.c.action == "file.undeclared_removed")
+        ).all()
+    assert [(e.object_id, e.detail["key"]) for e in removed] == [
+        (lied, f"quarantine/{v.id}/{lied}/extra.bin")
+    ]
     with read(xapi.gw.engine) as conn:  # both uploads are on record, attributed, never trusted
         rows = conn.execute(select(schema.files)).all()
     assert sorted((r.task_id, r.kind, r.volunteer_id) for r in rows) == [
@@ -204,3 +222,17 @@ def test_assimilator_killed_at_any_point_copies_to_xrootd_once(xapi: XApi, crash
         xapi.gw.engine, xapi.gw.quarantine, xapi.gw.settings.model_copy(update={"quarantine_retention_s": 0})
     )
     assert list(store.list("quarantine")) == []
+
+
+def test_settings_for_the_xrootd_bridge() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs storage_url"):
+        load_settings(bridge="xrootd")
+    with pytest.raises(ValidationError, match="needs storage_url"):
+        load_settings(bridge="xrootd", storage_url="http://plain.example:1094")
+    s = load_settings(
+        bridge="xrootd", storage_url="https://xrd.example:1094/airlock/", public_url="http://gw"
+    )
+    assert s.upload_base_url == "https://xrd.example:1094/airlock"
+    assert load_settings(public_url="http://gw/").upload_base_url == "http://gw"

@@ -45,7 +45,7 @@ class Settings(BaseModel):
         description="quarantine and trusted storage: local folders, or a WLCG-token HTTPS endpoint (XRootD, "
         "dCache, EOS) that volunteers upload to directly (docs/storage.md)",
     )
-    storage_url: str | None = Field(default=None, description="bridge=xrootd: HTTPS URL of Airlock's namespace")
+    storage_url: str | None = Field(default=None, description="bridge=xrootd: the namespace's HTTPS URL")
     storage_ca_file: Path | None = Field(default=None, description="CA that signed the storage's certificate")
     storage_audience: str | None = Field(
         default=None, description="audience of the gateway's own storage token; storage_url if unset"

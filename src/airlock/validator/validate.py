@@ -23,7 +23,7 @@ from airlock.core.checksums import Digest
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
-from airlock.db.transitions import transition
+from airlock.db.transitions import record_event, transition
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
 from airlock.storage.base import DigestMismatch, Storage
@@ -147,6 +147,7 @@ def fetch_remote_outputs(
             target = UploadTarget(task.volunteer_id, task.id, name, task.job_id, task.host_id, max_size)
             with engine.begin() as conn:
                 new |= record_upload(conn, target, digest, None)
+    _remove_undeclared(engine, quarantine, task, {d["name"] for d in job.spec["outputs"]})
     if new:
         with read(engine) as conn:
             recorded = list(
@@ -157,6 +158,19 @@ def fetch_remote_outputs(
                 )
             )
     return recorded, fetched
+
+
+def _remove_undeclared(engine: Engine, quarantine: XRootDStorage, task: Any, declared: set[str]) -> None:
+    """A `storage.create` token cannot restrict names: delete files the job did not ask for (on record)."""
+    folder = output_key(task.volunteer_id, task.id, "").rstrip("/")
+    for key in quarantine.list(folder):
+        name = key.rsplit("/", 1)[-1]
+        if name in declared:
+            continue
+        quarantine.delete(key)
+        log.warning("task %s: removed undeclared upload %s", task.id, key)
+        with engine.begin() as conn:
+            record_event(conn, ACTOR, "file.undeclared_removed", "task", task.id, {"key": key})
 
 
 def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *, limit: int = 200) -> int:
