@@ -30,6 +30,8 @@ class Settings(BaseModel):
     ca_dn_base: str = Field(default="/DC=org/DC=airlock", description="DN base of the gateway's CA")
     eec_lifetime_s: int = Field(default=7 * 86400, ge=3600, description="volunteer end-entity certificates")
     proxy_lifetime_s: int = Field(default=12 * 3600, ge=300, description="volunteer X.509 proxies (at most)")
+    tls_cert_file: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM)")
+    tls_key_file: Path | None = Field(default=None, description="the key of tls_cert_file")
     lease_s: int = Field(
         default=600, ge=5, description="a lease not renewed by a heartbeat this long is lost"
     )

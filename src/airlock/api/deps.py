@@ -12,6 +12,7 @@ from airlock.context import Gateway
 from airlock.core.errors import Unauthorized
 from airlock.core.schemas import INT32
 from airlock.credentials.tokens import Claims, require_compute
+from airlock.credentials.x509auth import claims_from_chain, peer_chain
 
 bearer = HTTPBearer(auto_error=False, description="operator token or volunteer access token")
 
@@ -41,9 +42,14 @@ def operator(gw: GatewayDep, creds: Credentials) -> str:
     return "operator"
 
 
-def volunteer(gw: GatewayDep, creds: Credentials) -> Claims:
-    """A volunteer access token with the compute scopes. (Whether the volunteer is still active is
-    checked inside each operation's own transaction.)"""
+def volunteer(gw: GatewayDep, creds: Credentials, request: Request) -> Claims:
+    """A volunteer access token with the compute scopes, or (HTTPS, no token) the volunteer's X.509
+    proxy or certificate. (Whether the volunteer is still active is checked inside each operation's own
+    transaction.)"""
+    if creds is None and (chain := peer_chain(request.scope)):
+        from airlock.api.credentials import vccs  # the CA, loaded once
+
+        return claims_from_chain(gw.engine, vccs(gw).ca, chain)
     claims = gw.issuer.verify(_token(creds))
     require_compute(claims)
     return claims

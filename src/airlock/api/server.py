@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from airlock.api.app import create_app
+from airlock.api.tls import https_options
 from airlock.config import Settings, load_settings
 from airlock.context import Gateway
 from airlock.db.migrate import upgrade
@@ -33,6 +34,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         "access_log": log_level == "debug",
         "timeout_keep_alive": 30,
         "backlog": 4096,
+        **https_options(settings),
     }
     if settings.workers == 1:
         uvicorn.run(create_app(gw), **common)  # type: ignore[arg-type]
