@@ -211,11 +211,8 @@ class XRootDStorage:
         if got != expected:
             raise DigestMismatch(f"{src} does not match its recorded checksums")
         parent, _, name = key.rpartition("/")
-        tmp = (
-            f"{parent}/.{name}{PARTIAL}{uuid.uuid4().hex}"
-            if parent
-            else f".{name}{PARTIAL}{uuid.uuid4().hex}"
-        )
+        tmp = f"{parent}/.{name}{PARTIAL}{uuid.uuid4().hex}".lstrip("/")
+        moved = False
         try:
             with src.open("rb") as fh:
                 resp = self._request("PUT", tmp, {"Content-Length": str(got.size)}, _chunks(fh))
@@ -223,16 +220,19 @@ class XRootDStorage:
                 raise self._fail(resp, f"PUT {tmp}")
             if self.checksum(tmp) != (got.size, got.adler32):
                 raise DigestMismatch(f"{key}: the server's copy differs from what was sent")
-            if self.checksum(key) is not None:  # taken meanwhile (another writer of the same key)
-                if self.checksum(key) == (got.size, got.adler32):
+            taken = self.checksum(key)  # by another writer of the same key meanwhile?
+            if taken is not None:
+                if taken == (got.size, got.adler32):
                     return got
                 raise AlreadyExists(f"{key} exists with different content")
             resp = self._request("MOVE", tmp, {"Destination": self.url(key), "Overwrite": "F"})
             if resp.status_code not in (200, 201, 204):
                 raise self._fail(resp, f"MOVE {tmp} -> {key}")
+            moved = True
             return got
         finally:
-            self._request("DELETE", tmp)
+            if not moved:
+                self._request("DELETE", tmp)
 
     async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> PendingUpload:
         self.url(key)  # validate the key before taking any bytes
