@@ -130,6 +130,17 @@ def test_volunteer_authenticates_with_its_proxy(https_gateway: tuple[str, Path])
     with client(ca, url, forged) as evil, pytest.raises(httpx.HTTPError):
         evil.post("/api/v1/work", json={"host_id": host_id})
 
+    # An operator revokes that one proxy: refused; a new proxy (same EEC) works.
+    with client(ca, url) as anon:
+        r = anon.post(f"/api/v1/ca/issued/{proxy.serial}/revoke", headers=OP)
+        assert r.status_code == 200, r.text
+    with client(ca, url, tmp / "x509up") as me:
+        assert me.post("/api/v1/work", json={"host_id": host_id}).status_code == 403
+    with client(ca, url) as anon:
+        fetch_proxy(anon, basic_auth("alice", PASSWORD), tmp / "x509up")
+    with client(ca, url, tmp / "x509up") as me:
+        assert me.post("/api/v1/work", json={"host_id": host_id}).status_code == 200
+
     # Blocked: its certificate is refused at once.
     with client(ca, url) as anon:
         assert anon.post(f"/api/v1/volunteers/{vid}/block", headers=OP).status_code == 200

@@ -32,6 +32,7 @@ class Proxy:
     file: Path
     subject: str
     identity: str
+    serial: str
     not_after: datetime
     ca_chain: str
 
@@ -85,6 +86,7 @@ def fetch_proxy(
         path,
         reply["subject"],
         reply["identity"],
+        reply["serial"],
         datetime.fromisoformat(reply["not_after"]),
         reply["ca_chain"],
     )

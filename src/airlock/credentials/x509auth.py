@@ -52,13 +52,18 @@ def claims_from_chain(engine: Engine, ca: CA, chain_pem: list[str]) -> Claims:
         raise Unauthorized("the client certificate does not name a volunteer")
     serial = f"{eec.serial_number:x}"
     c = schema.credentials
+    serials = {f"{cert.serial_number:x}" for cert in chain}  # the EEC and the proxies we issued under it
     with read(engine) as conn:
-        revoked = conn.execute(
-            select(c.c.revoked).where(c.c.jti == serial, c.c.kind == "x509", c.c.volunteer_id == volunteer_id)
-        ).scalar_one_or_none()
-    if revoked is None:
+        rows = dict(
+            conn.execute(
+                select(c.c.jti, c.c.revoked).where(
+                    c.c.jti.in_(serials), c.c.kind == "x509", c.c.volunteer_id == volunteer_id
+                )
+            ).all()
+        )
+    if serial not in rows:
         raise Unauthorized("the client certificate is not one this gateway issued")
-    if revoked:
+    if any(rows.values()):
         raise Forbidden("the client certificate has been revoked")
     return Claims(
         volunteer_id,
