@@ -3,6 +3,7 @@ voms-proxy-info); the cache, the Credential rows, logins and bad CSRs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -179,6 +180,14 @@ def test_eec_is_cached_and_every_issuance_recorded(ca_api: Api, tmp_path: Path) 
     # The EEC key stays in the gateway's keys folder, mode 0600.
     stored = ca_api.gw.settings.keys_dir / "ca" / "eec" / f"{v.id}.pem"
     assert (stored.stat().st_mode & 0o777) == 0o600
+    # Invariant 1: neither the EEC's key nor the CA's reaches the volunteer, in any encoding we hold.
+    secrets = [stored.read_text().split("-----BEGIN PRIVATE KEY-----")[1].split("-----END")[0]]
+    secrets.append((ca_api.gw.settings.keys_dir / "ca" / "issuing.key").read_text().split("-----")[2])
+    for reply in (first, second):
+        flat = json.dumps(reply).replace("\\n", "").replace("\n", "")
+        for secret in secrets:
+            body = secret.replace("\n", "")
+            assert body[:64] not in flat and body[-64:] not in flat
     # The operator sees what was issued.
     listed = ca_api.op("GET", "/api/v1/ca/issued", params={"volunteer": v.id}).json()
     assert sorted(i["type"] for i in listed) == ["eec", "proxy", "proxy"]
