@@ -5,6 +5,8 @@ trusted area with the gateway's own token, exactly once even when killed at any 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -236,3 +238,25 @@ def test_settings_for_the_xrootd_bridge() -> None:
     )
     assert s.upload_base_url == "https://xrd.example:1094/airlock"
     assert load_settings(public_url="http://gw/").upload_base_url == "http://gw"
+
+
+@pytest.mark.slow
+def test_demo_on_the_xrootd_bridge(tmp_path: Path) -> None:
+    """`airlock demo --bridge xrootd`, small: misbehaving agents upload straight to XRootD; every job done,
+    nothing tampered in trusted storage (which is on the XRootD server)."""
+    if shutil.which("xrootd") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("xrootd is not installed (required in CI)")
+        pytest.skip("xrootd is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRLOCK_")}
+    cmd = [sys.executable, "-m", "airlock", "demo", "--bridge", "xrootd", "--jobs", "6", "--events", "300"]
+    r = subprocess.run(
+        [*cmd, "--work-dir", str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=300
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "XRootD data bridge and trusted storage on https://localhost:" in out
+    m = re.search(r"jobs done: (\d+)/(\d+)\s+outputs re-derived and compared: (\d+), tampered or wrong in\s+"
+                  r"trusted storage: (\d+)", out)  # fmt: skip
+    assert m and m.groups() == ("6", "6", "6", "0"), out[-3000:]
+    assert not (tmp_path / "d" / "gateway" / "storage" / "trusted").exists()  # nothing trusted stored locally

@@ -311,7 +311,12 @@ class XRootDServer:
 
 
 def _give_to_service_user(folder: Path) -> None:
-    user = pwd.getpwnam(SERVICE_USER)
+    try:
+        user = pwd.getpwnam(SERVICE_USER)
+    except KeyError as exc:
+        raise XRootDUnavailable(
+            f"no {SERVICE_USER!r} user to run xrootd as (Debian's xrootd-server adds it)"
+        ) from exc
     for dirpath, _dirs, names in os.walk(folder):
         os.chown(dirpath, user.pw_uid, user.pw_gid)
         for n in names:
