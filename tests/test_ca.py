@@ -98,6 +98,25 @@ def test_ca_list_show_revoke_on_issued_certificates(ca_api: Api, tmp_path: Path)
     # The revoked EEC is not reused: the next proxy comes from a new one.
     again, _ = get_proxy(ca_api, v, tmp_path / "q")
     assert again["eec"] != reply["eec"]
+    # As an X509_CERT_DIR (hashed certificates, signing policies, CRL): OpenSSL finds the CRL there.
+    certdir = tmp_path / "certificates"
+    r = airlock("ca", "export", str(certdir), *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(certdir.glob("*.signing_policy"))) == 2 and len(list(certdir.glob("*.r0"))) == 1
+    policy = next(iter(certdir.glob("*.signing_policy"))).read_text()
+    assert "pos_rights        globus        CA:sign" in policy
+    for d, verdict in ((tmp_path / "p", "certificate revoked"), (tmp_path / "q", "OK")):
+        check = subprocess.run(
+            ["openssl", "verify", "-CApath", str(certdir), "-crl_check", str(d / "eec.pem")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert verdict in check.stdout + check.stderr, check.stdout + check.stderr
+        proxy = subprocess.run(
+            ["openssl", "verify", "-allow_proxy_certs", "-CApath", str(certdir), "-untrusted",
+             str(d / "eec.pem"), str(d / "proxy.pem")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert proxy.stdout.strip().endswith("OK"), proxy.stdout + proxy.stderr
 
 
 def test_ca_certificate_and_crl_are_published(ca_api: Api, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import argparse
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -18,8 +19,8 @@ console = Console()
 def add_commands(sub: Any, gateway_args: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("ca", help="the gateway's online CA: create it, list, show and revoke what it issued")
     gateway_args(p)
-    p.add_argument("action", choices=["init", "list", "show", "revoke", "crl"])
-    p.add_argument("serial", nargs="?", help="certificate serial in hex (show, revoke)")
+    p.add_argument("action", choices=["init", "list", "show", "revoke", "crl", "export"])
+    p.add_argument("serial", nargs="?", help="certificate serial in hex (show, revoke); export: a folder")
     p.add_argument("--dn-base", help="init: DN base such as /DC=org/DC=example (else setting ca_dn_base)")
     p.add_argument("--volunteer", type=int, help="list: only this volunteer's certificates")
     p.set_defaults(func=cmd_ca)
@@ -51,11 +52,19 @@ def cmd_ca(ns: argparse.Namespace) -> int:
         if ns.dn_base and ns.dn_base != settings.ca_dn_base:
             console.print(f"set ca_dn_base = {ns.dn_base!r} in the gateway's settings")
         return 0
-    if ns.action in ("show", "revoke") and not ns.serial:
-        raise BadInput(f"`airlock ca {ns.action}` needs a serial")
+    if ns.action in ("show", "revoke", "export") and not ns.serial:
+        raise BadInput(f"`airlock ca {ns.action}` needs a {'folder' if ns.action == 'export' else 'serial'}")
     engine = make_engine(settings.db_url)
     try:
-        if ns.action == "crl":
+        if ns.action == "export":
+            from airlock.credentials.certdir import export_cert_dir
+
+            ca = load_ca(settings.keys_dir, settings.ca_dn_base)
+            with read(engine) as conn:
+                revocations = crl.build_crl(conn, ca, datetime.now(UTC))
+            for path in export_cert_dir(ca, revocations, Path(ns.serial)):
+                console.print(f"wrote {path}")
+        elif ns.action == "crl":
             with read(engine) as conn:
                 revocations = crl.build_crl(
                     conn, load_ca(settings.keys_dir, settings.ca_dn_base), datetime.now(UTC)
