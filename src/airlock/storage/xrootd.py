@@ -176,20 +176,19 @@ class XRootDStorage:
 
     def download(self, key: str, dest: Path) -> Digest:
         """Copy the file to `dest`, hashing it; the bytes must match the server's own adler32."""
-        d = StreamingDigest()
         with self._io, dest.open("xb") as fh:
-            try:
-                with self._client.stream("GET", self.url(key), headers=self._auth()) as r:
-                    if r.status_code == 404:
-                        raise FileNotFoundError(key)
-                    if r.status_code != 200:
-                        r.read()
-                        raise self._fail(r, f"GET {key}")
-                    for chunk in r.iter_bytes(CHUNK):
-                        d.update(chunk)
-                        fh.write(chunk)
-            except httpx.HTTPError as exc:
-                raise StorageError(f"GET {key}: {exc}") from exc
+            for attempt in range(2):
+                d = StreamingDigest()
+                fh.seek(0)
+                fh.truncate()
+                try:
+                    self._get_into(key, fh, d)
+                    break
+                except httpx.RemoteProtocolError as exc:  # XrdHttp closed the kept-alive connection
+                    if attempt == 1:
+                        raise StorageError(f"GET {key}: {exc}") from exc
+                except httpx.HTTPError as exc:
+                    raise StorageError(f"GET {key}: {exc}") from exc
         got = d.digest()
         server = self.checksum(key)
         if server != (got.size, got.adler32):
@@ -197,6 +196,17 @@ class XRootDStorage:
                 f"{key}: read {got.size} bytes adler32 {got.adler32}, the server says {server}"
             )
         return got
+
+    def _get_into(self, key: str, fh: IO[bytes], d: StreamingDigest) -> None:
+        with self._client.stream("GET", self.url(key), headers=self._auth()) as r:
+            if r.status_code == 404:
+                raise FileNotFoundError(key)
+            if r.status_code != 200:
+                r.read()
+                raise self._fail(r, f"GET {key}")
+            for chunk in r.iter_bytes(CHUNK):
+                d.update(chunk)
+                fh.write(chunk)
 
     # ------------------------------------------------------------------------------------------ writes
     def put_new(self, key: str, src: Path, expected: Digest) -> Digest:
