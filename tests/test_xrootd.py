@@ -203,3 +203,32 @@ def test_a_dead_server_is_revived_with_its_files_port_and_certificate(
     finally:
         store.close()
         srv.stop()
+
+
+def test_a_namespace_below_the_server_root(issuer: TokenIssuer) -> None:
+    """An operator's shared server: Airlock lives under /airlock and the tokens' paths are relative to it."""
+    srv = start_xrootd(
+        XRootDServer(issuer.issuer, issuer.jwks(), [issuer.audience, STORAGE_AUDIENCE], base_path="/airlock")
+    )
+    store = XRootDStorage(
+        f"{srv.url}/airlock", GatewayToken(issuer, STORAGE_AUDIENCE), ca_file=srv.pki.ca_file
+    )
+    ctx = ssl.create_default_context(cafile=srv.pki.ca_file)
+    try:
+        with httpx.Client(verify=ctx, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            tok = bearer(upload_token(issuer, 7, 1))
+            assert http.put(f"{srv.url}/quarantine/7/1/out.txt", content=b"x", headers=tok).status_code == 403
+            assert http.put(
+                f"{srv.url}/airlock/quarantine/7/1/out.txt", content=b"x", headers=tok
+            ).status_code in (
+                200,
+                201,
+            )
+        assert (srv.data_root / "airlock" / "quarantine" / "7" / "1" / "out.txt").read_bytes() == b"x"
+        assert list(store.list("quarantine")) == ["quarantine/7/1/out.txt"]
+        assert store.copy_from(store, "quarantine/7/1/out.txt", "trusted/1/1/out.txt", digest_bytes(b"x"))
+        assert store.delete("quarantine/7/1/out.txt")
+        assert list(store.list("trusted")) == ["trusted/1/1/out.txt"]
+    finally:
+        store.close()
+        srv.stop()

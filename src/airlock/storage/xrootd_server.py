@@ -151,7 +151,8 @@ def render_config(*, root: Path, port: int, pki: TestPKI, scitokens_cfg: Path, a
     )
 
 
-def render_scitokens(issuer: str, audiences: list[str]) -> str:
+def render_scitokens(issuer: str, audiences: list[str], base_path: str = "/") -> str:
+    """Tokens' paths are relative to `base_path` (Airlock's namespace on a shared server)."""
     return "\n".join(
         [
             "[Global]",
@@ -159,7 +160,7 @@ def render_scitokens(issuer: str, audiences: list[str]) -> str:
             "",
             "[Issuer airlock]",
             f"issuer = {issuer}",
-            "base_path = /",
+            f"base_path = {base_path}",
             "",
         ]
     )
@@ -172,6 +173,7 @@ class XRootDServer:
     issuer: str
     jwks: dict[str, Any]
     audiences: list[str]
+    base_path: str = "/"  # the namespace token paths map to: Airlock's storage_url is url + base_path
     folder: Path | None = None
     port: int = 0
     startup_timeout_s: float = 20.0
@@ -215,7 +217,7 @@ class XRootDServer:
         cache_home = self.folder / "cache"
         preload_keycache(cache_home, self.issuer, self.jwks)
         scitokens_cfg = self.folder / "scitokens.cfg"
-        scitokens_cfg.write_text(render_scitokens(self.issuer, self.audiences))
+        scitokens_cfg.write_text(render_scitokens(self.issuer, self.audiences, self.base_path))
         cfg = self.folder / "xrootd.cfg"
         cfg.write_text(
             render_config(
