@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from airlock.api.app import create_app
+from airlock.assimilator.assimilate import assimilate_pending
 from airlock.assimilator.janitor import sweep_quarantine
 from airlock.config import Settings, load_settings
 from airlock.context import Gateway, initialise
@@ -260,3 +261,18 @@ def test_demo_on_the_xrootd_bridge(tmp_path: Path) -> None:
                   r"trusted storage: (\d+)", out)  # fmt: skip
     assert m and m.groups() == ("6", "6", "6", "0"), out[-3000:]
     assert not (tmp_path / "d" / "gateway" / "storage" / "trusted").exists()  # nothing trusted stored locally
+
+
+def test_a_quarantined_file_changed_on_the_server_after_validation_never_reaches_trusted(xapi: XApi) -> None:
+    (jid,) = xapi.submit(job("a", outputs=[{"name": "out.txt", "max_size": 100}]))["jobs"]
+    v = xapi.volunteer()
+    tid = run_task(xapi, v, {"out.txt": b"the result\n"})
+    validate_pending(xapi.gw.engine, xapi.gw.quarantine, xapi.gw.settings)
+    assert xapi.job(jid)["state"] == "assimilating"
+    on_disk = xapi.server.data_root / "quarantine" / str(v.id) / str(tid) / "out.txt"
+    on_disk.write_bytes(b"the resulT\n")  # same size, behind the gateway's back
+    assert assimilate_pending(xapi.gw.engine, xapi.gw.quarantine, xapi.gw.trusted) == 0
+    assert xapi.job(jid)["state"] == "running"  # the result was revoked; replication reissues the job
+    assert task_state(xapi, tid).state == "invalid"
+    assert "no longer matches" in task_state(xapi, tid).verdict
+    assert list(xapi.gw.trusted.list("trusted")) == []
