@@ -24,6 +24,7 @@ from airlock.agent.client import (
     LeaseGone,
     LoginFailed,
     ServerClient,
+    UploadResult,
 )
 from airlock.agent.main import AgentOptions, add_agent_arguments, options_from_args
 from airlock.agent.runner import Outcome, TaskContext, TaskRunner
@@ -211,6 +212,67 @@ def test_upload_streams_with_headers_and_retries_on_connection_error(tmp_path: P
     assert parse_digest_header(h["Digest"]) == {"adler32": digest.adler32, "sha256": digest.sha256}
 
 
+def test_refused_retry_after_a_lost_reply_still_reports_the_output(tmp_path: Path) -> None:
+    """Create-only storage (XRootD) answers the retry of a PUT that landed with 403: the output is
+    reported anyway (the validator reads the storage's checksums); a plain 403 is a refusal."""
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"result" * 1000)
+    digest = digest_file(path)
+    stored: dict[str, bytes] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        key = request.url.path
+        if key in stored:
+            return httpx.Response(403, text="Unable to open file; permission denied")
+        stored[key] = request.read()
+        if key.endswith("lost-reply.bin"):
+            raise httpx.ReadError("connection reset after the body was sent", request=request)
+        return httpx.Response(201)
+
+    client = make_client(handler)
+    landed = client.upload("http://xrootd.test/q/1/9/lost-reply.bin", path, "TOKEN", digest)
+    assert landed.status_code == 403 and landed.maybe_landed and landed.stored
+    assert stored["/q/1/9/lost-reply.bin"] == path.read_bytes()
+    first = client.upload("http://xrootd.test/q/1/9/plain.bin", path, "TOKEN", digest)
+    assert first.stored and not first.maybe_landed
+    again = client.upload("http://xrootd.test/q/1/9/plain.bin", path, "TOKEN", digest)
+    assert again.status_code == 403 and not again.stored and "permission denied" in again.message
+
+
+def test_upload_follows_storage_redirects_with_the_body(tmp_path: Path) -> None:
+    """dCache and EOS redirect a PUT from the door to a data server (307/308)."""
+    path = tmp_path / "out.bin"
+    data = b"bytes for the pool" * 500
+    path.write_bytes(data)
+    digest = digest_file(path)
+    seen: list[tuple[str, bytes, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        seen.append((str(request.url), body, request.headers["Authorization"]))
+        if request.url.host == "door.test":
+            return httpx.Response(307, headers={"Location": "https://pool.test:2880/q/1/9/out.bin?t=abc"})
+        if request.url.host == "loop.test":
+            return httpx.Response(308, headers={"Location": "/again"})
+        if request.url.host == "odd.test":
+            return httpx.Response(307, headers={"Location": "ftp://elsewhere/out.bin"})
+        return httpx.Response(201)
+
+    client = make_client(handler)
+    result = client.upload("https://door.test/q/1/9/out.bin", path, "TOKEN", digest)
+    assert result.status_code == 201 and result.stored
+    assert [u for u, _, _ in seen] == [
+        "https://door.test/q/1/9/out.bin",
+        "https://pool.test:2880/q/1/9/out.bin?t=abc",
+    ]
+    assert all(body == data and auth == "Bearer TOKEN" for _, body, auth in seen)
+    seen.clear()
+    looped = client.upload("https://loop.test/out.bin", path, "TOKEN", digest)
+    assert not looped.stored and "redirects" in looped.message and len(seen) == 4
+    odd = client.upload("https://odd.test/out.bin", path, "TOKEN", digest)
+    assert not odd.stored and "ftp://" in odd.message
+
+
 def _digest_json(d: Digest) -> dict[str, str]:
     return {"adler32": d.adler32, "sha256": d.sha256}
 
@@ -370,11 +432,11 @@ class StubClient:
 
     def upload(
         self, url: str, path: Path, token: str, declared: Digest, cancel: threading.Event | None = None
-    ) -> httpx.Response:
+    ) -> UploadResult:
         name = url.rsplit("/", 1)[1]
         self.uploads[name] = (path.read_bytes(), declared)
         status = self.upload_status.get(name, 201)
-        return httpx.Response(status, json={"error": "x", "message": f"status {status}"})
+        return UploadResult(status, "" if status < 300 else f"status {status}")
 
     def heartbeat(self, task_id: int, host_id: int, cancel: threading.Event | None = None) -> Any:
         from airlock.core.schemas import HeartbeatReply

@@ -37,6 +37,7 @@ from airlock.core.schemas import (
 )
 
 log = logging.getLogger(__name__)
+MAX_REDIRECTS = 3
 
 
 class ApiError(Exception):
@@ -153,6 +154,7 @@ class ServerClient:
         content: Callable[[], Iterator[bytes]] | None = None,
         cancel: threading.Event | None = None,
         stream_to: Callable[[httpx.Response], None] | None = None,
+        on_transport_error: Callable[[], None] | None = None,
     ) -> httpx.Response:
         """Send with retries. `auth` is "access" (the volunteer's token), "none", or an upload token
         prefixed "upload:". `content` makes a fresh body iterator per attempt. If `stream_to` is given,
@@ -180,6 +182,8 @@ class ServerClient:
                 finally:
                     response.close()
             except httpx.TransportError as exc:
+                if on_transport_error is not None:
+                    on_transport_error()
                 self._wait(attempt, f"{method} {url}: {type(exc).__name__}: {exc}", cancel)
                 attempt += 1
                 continue
@@ -305,24 +309,77 @@ class ServerClient:
         upload_token: str,
         declared: Digest,
         cancel: threading.Event | None = None,
-    ) -> httpx.Response:
-        """PUT a file to the data bridge, streaming it, with its declared `Digest`. Returns the final
-        response (201 created, 200 identical retry, or a 4xx refusal); connection errors are retried."""
+    ) -> UploadResult:
+        """PUT a file to the data bridge or storage endpoint, streaming it, with its declared `Digest`.
+
+        Connection errors are retried. A 307/308 redirect (dCache and EOS send the client from the door
+        to a data server) is followed for up to MAX_REDIRECTS hops to an http(s) URL, with the body sent
+        again. Storage that refuses to overwrite answers a retry with 403/409 when the first attempt did
+        land and only its reply was lost: such a refusal after a connection error is reported as
+        `maybe_landed`, so the agent still reports the output and the validator, which reads the
+        storage's own checksums, decides (an accepted result is never dropped for a lost reply)."""
         size = path.stat().st_size
+        broken = 0
 
         def body() -> Iterator[bytes]:
             with path.open("rb") as fh:
                 while chunk := fh.read(CHUNK):
                     yield chunk
 
+        def count_broken() -> None:
+            nonlocal broken
+            broken += 1
+
         headers = {
             "Content-Length": str(size),
             "Content-Type": "application/octet-stream",
             "Digest": format_digest_header(declared.adler32, declared.sha256),
         }
-        return self._send(
-            "PUT", url, auth=f"upload:{upload_token}", headers=headers, content=body, cancel=cancel
-        )
+        target = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            response = self._send(
+                "PUT",
+                target,
+                auth=f"upload:{upload_token}",
+                headers=headers,
+                content=body,
+                cancel=cancel,
+                on_transport_error=count_broken,
+            )
+            location = response.headers.get("Location")
+            if response.status_code not in (307, 308) or not location:
+                break
+            target = str(response.request.url.join(location))
+            if not target.startswith(("https://", "http://")):
+                return UploadResult(response.status_code, f"redirect to {target!r} refused", False)
+            log.info("upload of %s redirected to %s", path.name, target)
+        else:
+            return UploadResult(response.status_code, f"more than {MAX_REDIRECTS} redirects", False)
+        status = response.status_code
+        message = _error_of(response)[1] if not response.is_success else ""
+        maybe_landed = status in (403, 409) and broken > 0
+        if maybe_landed:
+            log.warning(
+                "upload of %s: the retry was refused (HTTP %d %s) after a lost reply; the first attempt "
+                "probably landed, so the output is reported and left to the validator",
+                path.name, status, message,
+            )  # fmt: skip
+        return UploadResult(status, message, maybe_landed)
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """How an upload ended: the final HTTP status, the server's message on a refusal, and whether a
+    refused retry may hide an earlier attempt that landed."""
+
+    status_code: int
+    message: str
+    maybe_landed: bool = False
+
+    @property
+    def stored(self) -> bool:
+        """The bytes are (or may well be) in storage: report the output."""
+        return self.status_code in (200, 201) or self.maybe_landed
 
 
 def _interruptible_sleep(seconds: float, cancel: threading.Event | None) -> bool:

@@ -29,7 +29,7 @@ from airlock.agent.client import ApiError, Blocked, Cancelled, InputMismatch, Le
 from airlock.agent.faults import Behaviour
 from airlock.agent.sandbox import STDERR_TAIL_BYTES, Limits, PayloadResult, Sandbox
 from airlock.core.checksums import digest_file
-from airlock.core.schemas import ErrorBody, OutputReport, TaskAssignment, TaskReport
+from airlock.core.schemas import OutputReport, TaskAssignment, TaskReport
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +208,11 @@ class TaskRunner:
             entry = OutputReport(
                 name=out.name, size=declared.size, adler32=declared.adler32, sha256=declared.sha256
             )
-            if response.status_code in (200, 201):
+            if response.stored:
                 log.info("task %d: output %s uploaded (%d bytes)", self.tid, out.name, declared.size)
                 reports.append(entry)
                 continue
-            message = _message(response.content)
+            message = response.message
             log.warning(
                 "task %d: upload of %s refused: HTTP %d %s", self.tid, out.name, response.status_code, message
             )
@@ -224,7 +224,7 @@ class TaskRunner:
             response = ctx.client.upload(url, path, t.upload_token, digest_file(path), cancel=self.abort)
             log.warning(
                 "task %d: undeclared upload %s answered HTTP %d %s",
-                self.tid, name, response.status_code, _message(response.content),
+                self.tid, name, response.status_code, response.message,
             )  # fmt: skip
         return reports, ("\n".join(notes) + "\n") if notes else ""
 
@@ -266,10 +266,3 @@ class TaskRunner:
         shutil.rmtree(self.dir, ignore_errors=True)
         for extra in self.ctx.tasks_dir.glob(f"{self.tid}.*"):
             extra.unlink(missing_ok=True)
-
-
-def _message(body: bytes) -> str:
-    try:
-        return ErrorBody.model_validate_json(body).message
-    except ValueError:
-        return body[:200].decode("utf-8", errors="replace")
