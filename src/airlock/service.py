@@ -51,7 +51,9 @@ class BackgroundLoops:
                 s.loop_interval_s,
             ),
             Loop(
-                "janitor", lambda: sweep_quarantine(gw.engine, gw.quarantine, s), max(60.0, s.loop_interval_s)
+                "janitor",
+                lambda: sweep_quarantine(gw.engine, gw.quarantine, s, trusted=gw.trusted),
+                max(60.0, s.loop_interval_s),
             ),
         ]
 
