@@ -174,6 +174,27 @@ def test_gateway_token_reads_checksums_copies_and_deletes(
         storage.copy_from(storage, key, f"trusted/1/{task}/gone", want)
 
 
+def test_dead_temporaries_are_swept_by_age_and_finished_files_kept(
+    storage: XRootDStorage, tmp_path: Path
+) -> None:
+    """A gateway killed between its PUT to a temporary name and the MOVE leaves the temporary behind:
+    the janitor's sweep removes it once old enough (by the server's clock), and nothing else."""
+    task = next(_task_ids)
+    src = tmp_path / "data"
+    src.write_bytes(b"assimilated bytes")
+    done = f"trusted/2/{task}/events.root"
+    storage.put_new(done, src, digest_bytes(src.read_bytes()))
+    dead = f"trusted/2/{task}/.events.root.partial-0123abcd"
+    with storage._io:  # what a killed put_new leaves: the temporary, never moved
+        storage._client.put(storage.url(dead), content=b"half", headers=storage._auth())
+    assert sorted(storage.list(f"trusted/2/{task}")) == [done]  # temporaries are never listed
+    assert storage.sweep_partials("trusted", 3600) == 0  # too young to be a dead write
+    assert storage.checksum(dead) is not None
+    assert storage.sweep_partials("trusted", -60) == 1
+    assert storage.checksum(dead) is None
+    assert storage.stat(done) == digest_bytes(b"assimilated bytes")
+
+
 def test_gateway_storage_token_is_refused_by_the_gateway_api(issuer: TokenIssuer) -> None:
     """The gateway's own token has its storage audience: useless against the volunteer API even if leaked."""
     token = GatewayToken(issuer, STORAGE_AUDIENCE)()

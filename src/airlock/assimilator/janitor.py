@@ -17,7 +17,6 @@ from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
 from airlock.storage.base import Storage
-from airlock.storage.local import LocalStorage
 
 log = logging.getLogger("airlock.janitor")
 ACTOR = "system:janitor"
@@ -25,7 +24,16 @@ PARTIAL_MAX_AGE_S = 3600  # far longer than any upload in progress takes
 _BAD = [TaskState.INVALID.value, TaskState.ERROR.value, TaskState.LOST.value, TaskState.ABORTED.value]
 
 
-def sweep_quarantine(engine: Engine, quarantine: Storage, settings: Settings, *, limit: int = 1000) -> int:
+def sweep_quarantine(
+    engine: Engine,
+    quarantine: Storage,
+    settings: Settings,
+    *,
+    limit: int = 1000,
+    trusted: Storage | None = None,
+) -> int:
+    """Delete expired quarantined outputs, then temporaries of writes that died half-way in quarantine
+    (and in trusted storage, when given: the assimilator's copies)."""
     f, t, j = schema.files, schema.tasks, schema.jobs
     cutoff = utcnow() - timedelta(seconds=settings.quarantine_retention_s)
     with read(engine) as conn:
@@ -45,9 +53,9 @@ def sweep_quarantine(engine: Engine, quarantine: Storage, settings: Settings, *,
         quarantine.delete(location)
         with engine.begin() as conn:
             transition(conn, FileState.DELETED, fid, ACTOR, detail={"reason": "retention over"})
-    partials = 0
-    if isinstance(quarantine, LocalStorage):
-        partials = quarantine.sweep_partials("quarantine", PARTIAL_MAX_AGE_S)
+    partials = quarantine.sweep_partials("quarantine", PARTIAL_MAX_AGE_S)
+    if trusted is not None:
+        partials += trusted.sweep_partials("trusted", PARTIAL_MAX_AGE_S)
     if rows or partials:
         log.info("janitor removed %d quarantined files and %d partial uploads", len(rows), partials)
     return len(rows) + partials

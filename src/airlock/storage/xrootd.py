@@ -21,6 +21,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
@@ -315,6 +316,23 @@ class XRootDStorage:
 
     def list(self, prefix: str) -> Iterator[str]:
         """Files under `prefix` (WebDAV PROPFIND, one level at a time), temporaries left out."""
+        for key, _modified in self._walk(prefix):
+            if PARTIAL not in key.rsplit("/", 1)[-1]:
+                yield key
+
+    def sweep_partials(self, prefix: str, older_than_s: float) -> int:
+        """Delete temporaries of writes that died half-way (the gateway killed between PUT and MOVE, a
+        dropped connection), once older than `older_than_s` by the server's clock of last change."""
+        cutoff = time.time() - older_than_s
+        stale = [
+            key
+            for key, modified in self._walk(prefix)
+            if PARTIAL in key.rsplit("/", 1)[-1] and modified is not None and modified < cutoff
+        ]
+        return sum(1 for key in stale if self.delete(key))
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, float | None]]:
+        """Every file under `prefix` with its last-modified time (epoch seconds) when the server gives it."""
         pending = [prefix.strip("/")]
         while pending:
             folder = pending.pop()
@@ -331,8 +349,8 @@ class XRootDStorage:
                     continue
                 if entry.find(f".//{DAV}collection") is not None:
                     pending.append(key)
-                elif PARTIAL not in key.rsplit("/", 1)[-1]:
-                    yield key
+                else:
+                    yield key, _http_date(entry.findtext(f".//{DAV}getlastmodified"))
 
     def _root_propfind(self) -> httpx.Response:
         with self._io:
@@ -347,6 +365,16 @@ def open_xrootd(settings: Settings, issuer: TokenIssuer) -> XRootDStorage:
     return XRootDStorage(
         settings.storage_url, GatewayToken(issuer, audience), ca_file=settings.storage_ca_file
     )
+
+
+def _http_date(text: str | None) -> float | None:
+    """An RFC 1123 date (WebDAV getlastmodified) as epoch seconds; None if absent or unreadable."""
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text.strip()).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
