@@ -6,20 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from airlock.agent.proxy import new_request
-from airlock.credentials.ca import init_ca, load_ca, slash_dn
+from airlock.credentials.ca import load_ca, slash_dn
 from airlock.db import schema
 
 from .helpers import Api, assert_error, job
-from .test_vccs import DN, URL, get_proxy, openssl_verify
+from .test_vccs import DN, URL, ca_api_fixture, ca_settings_fixture, get_proxy, openssl_verify  # noqa: F401
 
 
 def airlock(*args: str) -> subprocess.CompletedProcess[str]:
@@ -27,17 +24,6 @@ def airlock(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "airlock", *args], env=env, capture_output=True, text=True, timeout=120
     )
-
-
-@pytest.fixture
-def settings_overrides() -> dict[str, Any]:
-    return {"ca_dn_base": DN}
-
-
-@pytest.fixture
-def ca_api(api: Api) -> Api:
-    init_ca(api.gw.settings.keys_dir, DN, datetime.now(UTC))
-    return api
 
 
 def test_ca_commands(tmp_path: Path) -> None:

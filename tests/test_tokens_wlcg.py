@@ -20,6 +20,7 @@ from airlock.db import schema
 from airlock.db.engine import utcnow
 
 from .helpers import Api, assert_error, job
+from .test_credentials import claims
 
 
 def test_discovery_and_jwks_verify_our_tokens(api: Api) -> None:
@@ -109,35 +110,16 @@ def test_keys_commands(tmp_path: Any) -> None:
     assert [k.kid for k in load_signing_keys(tmp_path / "keys")] == [current.kid]
 
 
-def _claims(api: Api, volunteer_id: int, **over: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "wlcg.ver": "1.0",
-        "iss": api.gw.issuer.issuer,
-        "sub": str(volunteer_id),
-        "aud": api.gw.issuer.audience,
-        "scope": " ".join(COMPUTE_SCOPES),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        "jti": "x" * 32,
-    }
-    claims.update(over)
-    return {k: v for k, v in claims.items() if v is not None}
-
-
 def test_bad_tokens_are_refused_clearly(api: Api) -> None:
     v = api.volunteer()
     key = api.gw.issuer.current
     now = int(time.time())
 
     def signed(**over: Any) -> str:
-        return jwt.encode(
-            _claims(api, v.id, **over), key.private, algorithm="ES256", headers={"kid": key.kid}
-        )
+        return jwt.encode(claims(api, v.id, **over), key.private, algorithm="ES256", headers={"kid": key.kid})
 
     stranger = ec.generate_private_key(ec.SECP256R1())
-    unsigned = jwt.encode(_claims(api, v.id), None, algorithm="none")
+    unsigned = jwt.encode(claims(api, v.id), None, algorithm="none")
     cases = {
         "expired": (signed(iat=now - 7200, nbf=now - 7200, exp=now - 3600), "expired"),
         "not yet valid": (signed(nbf=now + 3600), "not yet valid"),
@@ -147,11 +129,11 @@ def test_bad_tokens_are_refused_clearly(api: Api) -> None:
         "no wlcg.ver": (signed(**{"wlcg.ver": None}), "WLCG"),
         "no exp": (signed(exp=None), "exp"),
         "unknown key": (
-            jwt.encode(_claims(api, v.id), stranger, algorithm="ES256", headers={"kid": "nope"}),
+            jwt.encode(claims(api, v.id), stranger, algorithm="ES256", headers={"kid": "nope"}),
             "unknown key",
         ),
         "our kid, other key": (
-            jwt.encode(_claims(api, v.id), stranger, algorithm="ES256", headers={"kid": key.kid}),
+            jwt.encode(claims(api, v.id), stranger, algorithm="ES256", headers={"kid": key.kid}),
             "signature",
         ),
         "HS256 with the public key": (_hs256(api, v.id), "algorithm 'HS256'"),
@@ -180,7 +162,7 @@ def _hs256(api: Api, volunteer_id: int) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": api.gw.issuer.current.kid}).encode())
-    payload = b64(json.dumps(_claims(api, volunteer_id)).encode())
+    payload = b64(json.dumps(claims(api, volunteer_id)).encode())
     secret = json.dumps(api.gw.issuer.current.jwk()).encode()
     sig = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
     return f"{header}.{payload}.{b64(sig)}"

@@ -37,13 +37,14 @@ def need(tool: str) -> str:
     return path
 
 
-@pytest.fixture
-def settings_overrides() -> dict[str, Any]:
+@pytest.fixture(name="settings_overrides")
+def ca_settings_fixture() -> dict[str, Any]:
     return {"ca_dn_base": DN}
 
 
-@pytest.fixture
-def ca_api(api: Api) -> Api:
+@pytest.fixture(name="ca_api")
+def ca_api_fixture(api: Api) -> Api:
+    """A gateway with an online CA (test_ca.py uses it too)."""
     init_ca(api.gw.settings.keys_dir, DN, datetime.now(UTC))
     return api
 
