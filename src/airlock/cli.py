@@ -304,19 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a batch from a YAML or JSON job description")
     _server_args(p)
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="job description (YAML or JSON); `path:` inputs are uploaded")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="batches and their jobs by state, or one job in full")
     _server_args(p)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--job", type=int)
+    p.add_argument("--batch", type=int, help="only this batch")
+    p.add_argument("--job", type=int, help="one job in full: tasks, volunteers, hosts, files")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("cancel", help="cancel a job (or with --batch, a whole batch)")
     _server_args(p)
-    p.add_argument("id", type=int)
-    p.add_argument("--batch", action="store_true")
+    p.add_argument("id", type=int, help="job id (batch id with --batch)")
+    p.add_argument("--batch", action="store_true", help="cancel every unfinished job of batch ID")
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("volunteer", help="register, block, unblock or list volunteers")
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["add", "block", "unblock", "list"])
     p.add_argument("name", nargs="?", help="name (add) or id (block, unblock)")
     p.add_argument("--password", help="for add (or env AIRLOCK_VOLUNTEER_PASSWORD)")
-    p.add_argument("--email")
+    p.add_argument("--email", help="for add: the volunteer's e-mail address")
     p.set_defaults(func=cmd_volunteer)
 
     p = sub.add_parser("hosts", help="volunteer hosts with their record and quota")
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="reconciliation, return times and success per host (from the database)")
     gateway_args(p)
-    p.add_argument("--batch", type=int)
+    p.add_argument("--batch", type=int, help="only this batch")
     p.add_argument("--html", type=Path, help="also write an HTML report here")
     p.set_defaults(func=cmd_report)
 
@@ -344,10 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("demo", help="the whole system on the embedded default, with misbehaving volunteers")
-    p.add_argument("--jobs", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=100, help="jobs in the batch (default 100)")
     p.add_argument("--agents", type=int, default=8, help="agents, some of which misbehave")
     p.add_argument("--events", type=int, default=2000, help="Monte Carlo events per job")
-    p.add_argument("--work-dir", type=Path, default=Path("airlock-demo"))
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("airlock-demo"),
+        help="data, agents and report.html (./airlock-demo)",
+    )
     p.add_argument("--database-url", help="run the demo on this database instead of SQLite")
     p.add_argument("--keep", action="store_true", help="keep the work dir of an earlier run")
     p.add_argument(
