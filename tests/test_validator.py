@@ -455,3 +455,49 @@ def test_blocking_a_volunteer_withdraws_its_results_not_yet_in_trusted_storage(a
     api.settle()
     done = api.job(jid)
     assert done["state"] == "done" and done["outputs"][0]["volunteer_id"] in {good.id, third.id}
+
+
+def test_batches_isolate_one_bad_job_from_the_others(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verdicts and assimilations are recorded many per transaction: a result tampered with after
+    validation, or a verdict whose recording fails, holds back only its own job."""
+    from airlock.assimilator.assimilate import assimilate_pending
+    from airlock.validator import validate
+
+    ids = api.submit(*(job(f"j{i}") for i in range(4)))["jobs"]
+    v = api.volunteer()
+    tasks = v.work(slots=4)
+    assert len(tasks) == 4
+    for i, t in enumerate(tasks):
+        finish(v, t, {"out.txt": f"result {i}\n".encode()})
+    real_apply = validate._apply
+    poisoned = tasks[1]["task_id"]
+
+    def flaky_apply(conn: Any, task: Any, job: Any, verdict: Any, settings: Any) -> bool:
+        if task.id == poisoned:
+            raise RuntimeError("a bug while recording this verdict")
+        return real_apply(conn, task, job, verdict, settings)
+
+    monkeypatch.setattr(validate, "_apply", flaky_apply)
+    assert validate.validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings) == 3
+    monkeypatch.setattr(validate, "_apply", real_apply)
+    states = {jid: api.job(jid)["state"] for jid in ids}
+    assert [states[t["job_id"]] for t in tasks] == [
+        "assimilating",
+        "validating",
+        "assimilating",
+        "assimilating",
+    ]
+    tampered = api.gw.quarantine.local_path(f"quarantine/{v.id}/{tasks[2]['task_id']}/out.txt")
+    assert tampered is not None
+    tampered.write_bytes(b"swapped in between\n")
+    assert assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 2
+    assert [api.job(t["job_id"])["state"] for t in tasks] == ["done", "validating", "running", "done"]
+    assert validate.validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings) == 1  # retried
+    assert assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 1
+    assert api.op("GET", f"/api/v1/jobs/{tasks[1]['job_id']}/outputs/out.txt").content == b"result 1\n"
+    tampered_job = tasks[2]["job_id"]
+    assert api.job(tampered_job)["outputs"] == []
+    assert str(tampered_job) not in [name.split("/")[1] for name in trusted_files(api)]  # batch/job/name
+    assert trusted_rows(api) == 3
+    e = schema.events
+    assert api.count(e, e.c.action == "job.done") == 3

@@ -6,6 +6,7 @@ Exactly-once in effect, whatever the point at which the process dies:
 2. in ONE transaction: record the trusted files with their provenance and move the job to done;
 3. delete the quarantined copies (the janitor does it if we die first).
 A crash before 2 redoes 1 harmlessly; a crash after 2 finds the job done and does nothing more.
+Jobs go BATCH at a time: step 1 for each, step 2 for all of them in one transaction, then step 3.
 """
 
 from __future__ import annotations
@@ -33,18 +34,99 @@ def trusted_key(batch_id: int, job_id: int, name: str) -> str:
     return f"trusted/{batch_id}/{job_id}/{name}"
 
 
+BATCH = 50  # jobs per write transaction: fewer commits, and the writer lock is never held for long
+
+
 def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id: int) -> bool:
     """Assimilate one job; False if it was not (or no longer) waiting for it."""
+    return _assimilate_batch(engine, quarantine, trusted, [job_id]) == 1
+
+
+def _assimilate_batch(engine: Engine, quarantine: Storage, trusted: Storage, job_ids: list[int]) -> int:
+    """Steps 1-3 for several jobs: copies one by one, then ONE transaction marks them all done with
+    their provenance, then the quarantined copies go. Returns how many jobs this call finished."""
     j, f, t = schema.jobs, schema.files, schema.tasks
     with read(engine) as conn:
-        job = conn.execute(select(j).where(j.c.id == job_id)).one()
-        if job.state != JobState.ASSIMILATING.value:
-            return False
-        task = conn.execute(select(t).where(t.c.id == job.canonical_task_id)).one()
-        outputs = conn.execute(
-            select(f).where(f.c.kind == "output", f.c.task_id == task.id).order_by(f.c.name)
+        jobs = conn.execute(
+            select(j).where(j.c.id.in_(job_ids), j.c.state == JobState.ASSIMILATING.value).order_by(j.c.id)
         ).all()
+        if not jobs:
+            return 0
+        tasks = {
+            r.id: r
+            for r in conn.execute(select(t).where(t.c.id.in_([job.canonical_task_id for job in jobs])))
+        }
+        outputs: dict[int, list[Any]] = {}
+        for out in conn.execute(
+            select(f).where(f.c.kind == "output", f.c.task_id.in_(list(tasks))).order_by(f.c.name)
+        ):
+            outputs.setdefault(out.task_id, []).append(out)
 
+    ready: list[tuple[Any, Any, list[tuple[Any, str]]]] = []
+    for job in jobs:
+        task = tasks[job.canonical_task_id]
+        copied = _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []))
+        if copied is not None:
+            ready.append((job, task, copied))
+    if not ready:
+        return 0
+
+    now = utcnow()
+    finished: list[tuple[Any, str]] = []
+    done = 0
+    with engine.begin() as conn:
+        for job, task, copied in ready:
+            if not transition(
+                conn,
+                JobState.DONE,
+                job.id,
+                ACTOR,
+                values=finish_values(),
+                detail={
+                    "canonical_task": task.id,
+                    "volunteer_id": task.volunteer_id,
+                    "host_id": task.host_id,
+                    "files": [
+                        {"name": o.name, "sha256": o.sha256, "adler32": o.adler32, "size": o.size}
+                        for o, _ in copied
+                    ],
+                },
+            ):
+                continue  # another assimilator finished it
+            if copied:
+                conn.execute(
+                    insert(f),
+                    [
+                        {
+                            "kind": "trusted",
+                            "state": FileState.TRUSTED.value,
+                            "name": out.name,
+                            "size": out.size,
+                            "adler32": out.adler32,
+                            "sha256": out.sha256,
+                            "location": key,
+                            "job_id": job.id,
+                            "task_id": task.id,
+                            "volunteer_id": task.volunteer_id,
+                            "host_id": task.host_id,
+                            "created_at": now,
+                        }
+                        for out, key in copied
+                    ],
+                )
+            finished.extend(copied)
+            done += 1
+            log.info("job %s done: %d outputs in trusted storage", job.id, len(copied))
+        crash_point("assimilate.before_commit")
+    crash_point("assimilate.after_commit")
+    _delete_quarantined(engine, quarantine, [out for out, _ in finished])
+    return done
+
+
+def _copy_outputs(
+    engine: Engine, quarantine: Storage, trusted: Storage, job: Any, task: Any, outputs: list[Any]
+) -> list[tuple[Any, str]] | None:
+    """Step 1 for one job; None (and the result revoked) if a quarantined file changed after validation."""
     copied: list[tuple[Any, str]] = []
     for out in outputs:
         key = trusted_key(job.batch_id, job.id, out.name)
@@ -55,55 +137,13 @@ def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id
         except (DigestMismatch, FileNotFoundError) as exc:
             # The quarantined copy changed or vanished after validation: never assimilate it.
             reason = f"{out.name} in quarantine no longer matches what was validated ({exc})"
-            log.error("job %s: %s; revoking task %s", job_id, reason, task.id)
+            log.error("job %s: %s; revoking task %s", job.id, reason, task.id)
             with engine.begin() as conn:
                 revoke_result(conn, task.id, ACTOR, reason)
-            return False
+            return None
         copied.append((out, key))
         crash_point("assimilate.after_copy")
-
-    now = utcnow()
-    with engine.begin() as conn:
-        if not transition(
-            conn,
-            JobState.DONE,
-            job_id,
-            ACTOR,
-            values=finish_values(),
-            detail={
-                "canonical_task": task.id,
-                "volunteer_id": task.volunteer_id,
-                "host_id": task.host_id,
-                "files": [
-                    {"name": o.name, "sha256": o.sha256, "adler32": o.adler32, "size": o.size}
-                    for o, _ in copied
-                ],
-            },
-        ):
-            return False  # another assimilator finished it
-        for out, key in copied:
-            conn.execute(
-                insert(f).values(
-                    kind="trusted",
-                    state=FileState.TRUSTED.value,
-                    name=out.name,
-                    size=out.size,
-                    adler32=out.adler32,
-                    sha256=out.sha256,
-                    location=key,
-                    job_id=job.id,
-                    task_id=task.id,
-                    volunteer_id=task.volunteer_id,
-                    host_id=task.host_id,
-                    created_at=now,
-                )
-            )
-        crash_point("assimilate.before_commit")
-    crash_point("assimilate.after_commit")
-    for out, _ in copied:
-        _delete_quarantined(engine, quarantine, out.id, out.location)
-    log.info("job %s done: %d outputs in trusted storage", job_id, len(copied))
-    return True
+    return copied
 
 
 def _copy_to_trusted(
@@ -119,10 +159,14 @@ def _copy_to_trusted(
         raise NotImplementedError(f"assimilating from {quarantine.name} into {trusted.name}")
 
 
-def _delete_quarantined(engine: Engine, quarantine: Storage, file_id: int, location: str) -> None:
-    quarantine.delete(location)
-    with engine.begin() as conn:
-        transition(conn, FileState.DELETED, file_id, ACTOR, detail={"reason": "assimilated"})
+def _delete_quarantined(engine: Engine, quarantine: Storage, files: list[Any]) -> None:
+    """Step 3: the quarantined copies of assimilated outputs go (the janitor does it if we die first)."""
+    for out in files:
+        quarantine.delete(out.location)
+    if files:
+        with engine.begin() as conn:
+            for out in files:
+                transition(conn, FileState.DELETED, out.id, ACTOR, detail={"reason": "assimilated"})
 
 
 def assimilate_pending(engine: Engine, quarantine: Storage, trusted: Storage, *, limit: int = 100) -> int:
@@ -136,9 +180,10 @@ def assimilate_pending(engine: Engine, quarantine: Storage, trusted: Storage, *,
             .all()
         )
     n = 0
-    for job_id in ids:
+    for i in range(0, len(ids), BATCH):
+        chunk = list(ids[i : i + BATCH])
         try:
-            n += assimilate_job(engine, quarantine, trusted, job_id)
+            n += _assimilate_batch(engine, quarantine, trusted, chunk)
         except Exception:
-            log.exception("assimilating job %s failed; will retry", job_id)
+            log.exception("assimilating jobs %s-%s failed; will retry", chunk[0], chunk[-1])
     return n

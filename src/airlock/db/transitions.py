@@ -7,11 +7,23 @@ reused: these run on every dispatch, upload and report.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, Update, bindparam, insert, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Table,
+    Update,
+    bindparam,
+    insert,
+    literal_column,
+    update,
+)
 
 from airlock.core.errors import IllegalTransition
 from airlock.core.states import (
@@ -53,12 +65,25 @@ def record_event(
     )
 
 
+_STATE_VALUE = re.compile(r"^[a-z_]+$")
+
+
+def in_states(column: Column[Any], states: Iterable[str]) -> ColumnElement[bool]:
+    """`column IN ('a', 'b')` with the states written into the SQL: a fixed set of our own state names
+    (checked to be plain identifiers), so the statement compiles once and is cached, where a list of
+    bound values would be re-expanded on every execution."""
+    values = sorted(states)
+    if not values or not all(_STATE_VALUE.match(v) for v in values):
+        raise ValueError(f"not a set of state names: {values!r}")
+    return column.in_([literal_column(f"'{v}'") for v in values])
+
+
 @lru_cache(maxsize=512)
 def _statement(entity: str, target: str, legal: tuple[str, ...], columns: tuple[str, ...]) -> Update:
     table = _MACHINES[entity][0]
     return (
         update(table)
-        .where(table.c.id == bindparam("_id"), table.c.state.in_(legal))
+        .where(table.c.id == bindparam("_id"), in_states(table.c.state, legal))
         .values(state=target, **{c: bindparam(f"_v_{c}") for c in columns})
     )
 

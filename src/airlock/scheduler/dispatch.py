@@ -25,7 +25,7 @@ from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import TokenIssuer, quarantine_path, record_credential
 from airlock.db import schema
 from airlock.db.engine import is_sqlite, utcnow
-from airlock.db.transitions import record_event, transition
+from airlock.db.transitions import in_states, record_event, transition
 from airlock.scheduler.quota import remaining, today
 
 CANDIDATES_PER_SLOT = 4
@@ -74,7 +74,7 @@ _CANDIDATES = (
     .join(_J, _J.c.id == _T.c.job_id)
     .where(
         _T.c.state == TaskState.READY.value,
-        _J.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.VALIDATING.value]),
+        in_states(_J.c.state, [JobState.QUEUED.value, JobState.RUNNING.value, JobState.VALIDATING.value]),
         _J.c.cores <= bindparam("cores"),
         _J.c.memory_mb <= bindparam("memory"),
         _J.c.disk_mb <= bindparam("disk"),

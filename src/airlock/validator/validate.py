@@ -42,6 +42,9 @@ class Verdict:
     agreement: str | None = None
 
 
+BATCH = 50  # verdicts per write transaction
+
+
 def judge(
     task: Any,
     job: Any,
@@ -191,23 +194,37 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
                 select(f).where(f.c.kind == "output", f.c.task_id.in_([r.id for r in rows]))
             ):
                 files.setdefault(frow.task_id, []).append(frow)
-    n = 0
+    verdicts: list[tuple[Any, Verdict]] = []
     for task in rows:
         job = jobs[task.job_id]
         try:
-            with tempfile.TemporaryDirectory(prefix="airlock-validate-") as workdir:
-                outputs, fetched = files.get(task.id, []), None
-                if isinstance(quarantine, XRootDStorage):
+            outputs = files.get(task.id, [])
+            if isinstance(quarantine, XRootDStorage):  # local copies to check, in a folder of their own
+                with tempfile.TemporaryDirectory(prefix="airlock-validate-") as workdir:
                     outputs, fetched = fetch_remote_outputs(
                         engine, quarantine, task, job, outputs, Path(workdir)
                     )
-                verdict = judge(task, job, outputs, quarantine, settings, fetched)
+                    verdict = judge(task, job, outputs, quarantine, settings, fetched)
+            else:  # a local quarantine is read in place
+                verdict = judge(task, job, outputs, quarantine, settings)
         except Exception:  # a bug of ours, not the volunteer's fault: leave the task for a retry
             log.exception("validator failed on task %s; will retry", task.id)
             continue
+        verdicts.append((task, verdict))
+    n = 0
+    # Verdicts are recorded BATCH at a time in one transaction (each in a savepoint of its own, so one
+    # failure leaves the others): fewer commits, and the writer lock is never held for long.
+    for i in range(0, len(verdicts), BATCH):
         with engine.begin() as conn:
-            current = conn.execute(select(j).where(j.c.id == task.job_id)).one()
-            if _apply(conn, task, current, verdict, settings):
-                n += 1
-                log.info("task %s: %s (%s)", task.id, verdict.state.value, verdict.reason)
+            for task, verdict in verdicts[i : i + BATCH]:
+                try:
+                    with conn.begin_nested():
+                        current = conn.execute(select(j).where(j.c.id == task.job_id)).one()
+                        applied = _apply(conn, task, current, verdict, settings)
+                except Exception:
+                    log.exception("recording the verdict on task %s failed; will retry", task.id)
+                    continue
+                if applied:
+                    n += 1
+                    log.info("task %s: %s (%s)", task.id, verdict.state.value, verdict.reason)
     return n
