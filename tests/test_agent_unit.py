@@ -421,6 +421,7 @@ class StubClient:
         self.reports: list[TaskReport] = []
         self.heartbeats = 0
         self.abort_after: int | None = None
+        self.upload_tokens: dict[str, str] = {}
 
     def download(self, ref: InputRef, dest: Path, cancel: threading.Event | None = None) -> Digest:
         data = self.inputs[ref.name]
@@ -435,6 +436,7 @@ class StubClient:
     ) -> UploadResult:
         name = url.rsplit("/", 1)[1]
         self.uploads[name] = (path.read_bytes(), declared)
+        self.upload_tokens[name] = token
         status = self.upload_status.get(name, 201)
         return UploadResult(status, "" if status < 300 else f"status {status}")
 
@@ -443,7 +445,8 @@ class StubClient:
 
         self.heartbeats += 1
         abort = self.abort_after is not None and self.heartbeats >= self.abort_after
-        return HeartbeatReply(lease_expires_at=datetime.now(UTC), abort=abort)
+        token = f"UPLOAD-{self.heartbeats}"  # upload tokens live minutes: each heartbeat renews it
+        return HeartbeatReply(lease_expires_at=datetime.now(UTC), abort=abort, upload_token=token)
 
     def report(self, task_id: int, report: TaskReport, cancel: threading.Event | None = None) -> str:
         self.reports.append(report)
@@ -508,6 +511,15 @@ def test_runner_happy_path(tmp_path: Path) -> None:
     assert report.outputs[0].sha256 == digest_bytes(b"ABChello").sha256
     assert "missing.txt was not produced" in report.stderr_tail
     assert not runner.dir.exists()  # cleaned after the report
+
+
+def test_uploads_use_the_newest_upload_token_from_the_heartbeats(tmp_path: Path) -> None:
+    stub = StubClient({})
+    slow = ["python3", "-c", "import time; time.sleep(2.5); open('out.txt', 'w').write('x')"]
+    outcome, _ = run_task(tmp_path, assignment(slow, {}, ["out.txt"]), stub)
+    assert outcome is Outcome.REPORTED and stub.heartbeats >= 2
+    assert stub.upload_tokens["out.txt"].startswith("UPLOAD-")  # not the assignment's "UPLOAD"
+    assert int(stub.upload_tokens["out.txt"].removeprefix("UPLOAD-")) >= 2
 
 
 def test_runner_input_mismatch_reports_minus_one(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from airlock.api.credentials import router as credentials_router
 from airlock.api.operator import router as operator_router
 from airlock.core.checksums import digest_bytes
 from airlock.credentials.tokens import COMPUTE_SCOPES
+from airlock.db import schema
 from airlock.db.engine import utcnow
 
 from .helpers import OPERATOR_TOKEN, PASSWORD, Api, Volunteer, assert_error, job
@@ -237,7 +238,7 @@ def test_upload_token_is_narrow_and_refused_as_an_access_token(api: Api) -> None
     c = decode_unverified(t["upload_token"])
     assert c["scope"] == f"storage.create:/quarantine/{v.id}/{t['task_id']}"
     assert c["sub"] == str(v.id)
-    assert abs((c["exp"] - c["iat"]) - 7200) <= 1  # valid until the task's deadline
+    assert abs((c["exp"] - c["iat"]) - 1800) <= 1  # upload_token_ttl_s, well before the deadline
     before = api.snapshot()
     up = {"Authorization": f"Bearer {t['upload_token']}"}
     assert_error(work(api, v, t["upload_token"]), 403, "compute scopes")
@@ -249,6 +250,26 @@ def test_upload_token_is_narrow_and_refused_as_an_access_token(api: Api) -> None
     assert_error(rep, 403, "compute scopes")
     assert_error(api.client.post("/api/v1/hosts", json={}, headers=up), 403)
     assert api.snapshot() == before
+
+
+def test_heartbeats_renew_the_short_upload_token_never_past_the_deadline(api: Api) -> None:
+    api.submit(job("long", deadline_s=7200), job("short", deadline_s=600))
+    v = api.volunteer()
+    long_task, short_task = sorted(v.work(slots=2), key=lambda t: t["task_id"])
+    short = decode_unverified(short_task["upload_token"])
+    assert abs((short["exp"] - short["iat"]) - 600) <= 1  # the deadline comes first
+    first = decode_unverified(long_task["upload_token"])
+    hb = v.heartbeat(long_task)
+    assert hb.status_code == 200, hb.text
+    fresh = hb.json()["upload_token"]
+    c = decode_unverified(fresh)
+    assert c["scope"] == first["scope"] == f"storage.create:/quarantine/{v.id}/{long_task['task_id']}"
+    assert c["jti"] != first["jti"] and abs((c["exp"] - c["iat"]) - 1800) <= 1
+    cr = schema.credentials
+    assert api.count(cr, cr.c.kind == "upload", cr.c.task_id == long_task["task_id"]) == 2  # both on record
+    assert v.upload(long_task, b"42\n", token=fresh).status_code == 201  # the new one works
+    assert v.report(long_task, 0, {"out.txt": b"42\n"}).status_code == 200
+    assert_error(v.heartbeat(long_task), 410)  # no lease, no new token
 
 
 def test_login_failures_look_the_same(api: Api) -> None:

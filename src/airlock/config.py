@@ -36,6 +36,11 @@ class Settings(BaseModel):
         default=600, ge=5, description="a lease not renewed by a heartbeat this long is lost"
     )
     heartbeat_interval_s: int = Field(default=60, ge=1)
+    upload_token_ttl_s: int = Field(
+        default=1800,
+        ge=60,
+        description="upload token lifetime; each heartbeat hands out a new one, never past the deadline",
+    )
     daily_quota_per_core: int = Field(default=100, ge=1, description="BOINC's max jobs per day per core")
     retry_after_s: int = Field(default=30, ge=1, description="what a host with no work is told to wait")
     quarantine_retention_s: int = Field(default=3 * 86400, ge=0)

@@ -68,6 +68,8 @@ class Heartbeater(threading.Thread):
         self.done = threading.Event()
         self.reason: str | None = None
         self.blocked = False
+        # Upload tokens live minutes: each heartbeat brings a fresh one and uploads use the newest.
+        self.upload_token = task.upload_token
 
     def run(self) -> None:
         interval = max(1.0, float(self.task.heartbeat_interval_s))
@@ -90,6 +92,8 @@ class Heartbeater(threading.Thread):
             if reply.abort:
                 self._stop("the server asked to abort")
                 return
+            if reply.upload_token:
+                self.upload_token = reply.upload_token
             log.debug("task %d: heartbeat ok, lease until %s", tid, reply.lease_expires_at)
 
     def _stop(self, reason: str) -> None:
@@ -179,14 +183,14 @@ class TaskRunner:
             "task %d: payload exited %d (cpu %.1f s, wall %.1f s)",
             self.tid, result.exit_code, result.cpu_time_s, result.wall_time_s,
         )  # fmt: skip
-        outputs, notes = self._upload_outputs()
+        outputs, notes = self._upload_outputs(heart)
         if self.abort.is_set():
             return self._dropped(heart)
         return self._report(code, result.stderr_tail + notes, outputs, Outcome.REPORTED, heart)
 
     # ------------------------------------------------------------------------------------- outputs
 
-    def _upload_outputs(self) -> tuple[list[OutputReport], str]:
+    def _upload_outputs(self, heart: Heartbeater) -> tuple[list[OutputReport], str]:
         t, ctx, behaviour = self.task, self.ctx, self.ctx.behaviour
         reports: list[OutputReport] = []
         notes: list[str] = []
@@ -204,7 +208,9 @@ class TaskRunner:
                 notes.append(f"airlock: output {out.name} is {st.st_size} bytes, over its {out.max_size}")
                 continue
             declared = behaviour.prepare_output(path, digest_file(path))
-            response = ctx.client.upload(out.upload_url, path, t.upload_token, declared, cancel=self.abort)
+            response = ctx.client.upload(
+                out.upload_url, path, heart.upload_token, declared, cancel=self.abort
+            )
             entry = OutputReport(
                 name=out.name, size=declared.size, adler32=declared.adler32, sha256=declared.sha256
             )
@@ -221,7 +227,7 @@ class TaskRunner:
                 reports.append(entry)
         for name, path in behaviour.extra_uploads(self.dir):
             url = t.outputs[0].upload_url.rsplit("/", 1)[0] + "/" + name
-            response = ctx.client.upload(url, path, t.upload_token, digest_file(path), cancel=self.abort)
+            response = ctx.client.upload(url, path, heart.upload_token, digest_file(path), cancel=self.abort)
             log.warning(
                 "task %d: undeclared upload %s answered HTTP %d %s",
                 self.tid, name, response.status_code, response.message,

@@ -74,7 +74,7 @@ async def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
 @router.post("/tasks/{task_id}/heartbeat")
 async def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
     with gw.engine.begin() as conn:
-        return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id)
+        return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id, gw.issuer)
 
 
 @router.post("/tasks/{task_id}/report")

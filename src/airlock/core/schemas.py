@@ -360,6 +360,10 @@ class Heartbeat(Strict):
 class HeartbeatReply(BaseModel):
     lease_expires_at: datetime
     abort: bool = False
+    upload_token: str | None = Field(
+        default=None,
+        description="a fresh upload token for the task (the one in the assignment lasts upload_token_ttl_s)",
+    )
 
 
 class OutputReport(Strict):

@@ -22,7 +22,7 @@ from airlock.core.schemas import (
 )
 from airlock.core.states import JobState, TaskState, VolunteerState
 from airlock.credentials.accounts import require_active
-from airlock.credentials.tokens import TokenIssuer, quarantine_path, record_credential
+from airlock.credentials.tokens import Issued, TokenIssuer, quarantine_path, record_credential
 from airlock.db import schema
 from airlock.db.engine import is_sqlite, utcnow
 from airlock.db.transitions import in_states, record_event, transition
@@ -182,6 +182,25 @@ def request_work(
     )
 
 
+def issue_upload_token(
+    conn: Connection,
+    settings: Settings,
+    issuer: TokenIssuer,
+    volunteer_id: int,
+    task_id: int,
+    now: datetime,
+    deadline: datetime,
+) -> Issued:
+    """The task's upload credential: `storage.create` on its own quarantine path only, for
+    `upload_token_ttl_s` at most and never past the deadline (heartbeats hand out fresh ones)."""
+    ttl = min(deadline - now, timedelta(seconds=settings.upload_token_ttl_s))
+    upload = issuer.issue(
+        volunteer_id, [f"storage.create:{quarantine_path(volunteer_id, task_id)}"], now, ttl
+    )
+    record_credential(conn, upload, "upload", volunteer_id, task_id)
+    return upload
+
+
 def _assignment(
     conn: Connection,
     settings: Settings,
@@ -195,8 +214,7 @@ def _assignment(
     spec = cand.spec
     base = settings.public_url
     path = quarantine_path(volunteer_id, cand.id)
-    upload = issuer.issue(volunteer_id, [f"storage.create:{path}"], now, deadline - now)
-    record_credential(conn, upload, "upload", volunteer_id, cand.id)
+    upload = issue_upload_token(conn, settings, issuer, volunteer_id, cand.id, now, deadline)
     inputs = []
     if spec["inputs"]:
         f = schema.files

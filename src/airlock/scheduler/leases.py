@@ -12,9 +12,11 @@ from airlock.core.errors import Forbidden, Gone, NotFound
 from airlock.core.schemas import HeartbeatReply
 from airlock.core.states import TaskState
 from airlock.credentials.accounts import require_active
+from airlock.credentials.tokens import TokenIssuer
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import transition
+from airlock.scheduler.dispatch import issue_upload_token
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
 
@@ -38,8 +40,15 @@ def lease_is_live(task: Any, now: Any) -> bool:
 
 
 def heartbeat(
-    conn: Connection, settings: Settings, volunteer_id: int, host_id: int, task_id: int
+    conn: Connection,
+    settings: Settings,
+    volunteer_id: int,
+    host_id: int,
+    task_id: int,
+    issuer: TokenIssuer | None = None,
 ) -> HeartbeatReply:
+    """Renew the lease (never past the deadline) and, given the issuer, hand out a fresh upload token:
+    upload tokens live minutes, so a long task uploads with the one from its latest heartbeat."""
     require_active(conn, volunteer_id)
     task = own_task(conn, volunteer_id, host_id, task_id)
     now = utcnow()
@@ -51,7 +60,14 @@ def heartbeat(
     t = schema.tasks
     conn.execute(update(t).where(t.c.id == task_id).values(lease_expires_at=new_expiry))
     conn.execute(update(schema.hosts).where(schema.hosts.c.id == host_id).values(last_seen=now))
-    return HeartbeatReply(lease_expires_at=new_expiry, abort=False)
+    upload = (
+        None
+        if issuer is None
+        else issue_upload_token(conn, settings, issuer, volunteer_id, task_id, now, task.deadline)
+    )
+    return HeartbeatReply(
+        lease_expires_at=new_expiry, abort=False, upload_token=upload.token if upload else None
+    )
 
 
 def expire_leases(engine: Engine, settings: Settings, *, limit: int = 500) -> int:
