@@ -366,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     from airlock.credentials.commands import add_commands
 
     add_commands(sub, gateway_args)
+
+    from airlock.boinc.commands import add_commands as add_boinc_commands
+
+    add_boinc_commands(sub, gateway_args)
     return parser
 
 
