@@ -562,3 +562,24 @@ def test_runner_fail_extra_and_vanish(tmp_path: Path) -> None:
     stub = StubClient({})
     outcome, _ = run_task(tmp_path, assignment(["sleep", "30"], {}, ["out.txt"]), stub, "vanish")
     assert outcome is Outcome.VANISHED and stub.reports == [] and stub.heartbeats == 0
+
+
+def test_a_finished_task_is_reaped_even_before_its_thread_ends(tmp_path: Path) -> None:
+    """A runner wakes the main loop as its last act, while its thread is still alive: the loop must
+    count the task as done then, or it waits for a wake-up that already came and never asks for work
+    again (an agent seen idle for good in the demo)."""
+    from airlock.agent.main import Agent
+
+    opts = AgentOptions(server="http://s", user="u", password="pw", work_dir=tmp_path)
+    agent = Agent(opts, Sandbox(tmp_path, enabled=False), tmp_path, client=StubClient({}))  # type: ignore[arg-type]
+    ctx = TaskContext(StubClient({}), Sandbox(tmp_path, enabled=False), 5, tmp_path, faults.behaviour(None))  # type: ignore[arg-type]
+    runner = TaskRunner(ctx, assignment(["true"], {}, ["out.txt"]))
+    release = threading.Event()
+    still_running = threading.Thread(target=release.wait, daemon=True)
+    still_running.start()
+    agent.running[runner.tid] = (runner, still_running)
+    assert agent._reap() is None and runner.tid in agent.running  # no outcome yet: still running
+    runner.outcome = Outcome.REPORTED
+    assert agent._reap() is None
+    assert agent.running == {} and agent.outcomes[Outcome.REPORTED] == 1
+    release.set()

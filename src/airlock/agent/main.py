@@ -250,6 +250,8 @@ class Agent:
         idle_since: float | None = None
         nothing_left = False
         while True:
+            # Clear before looking, so a task that finishes from here on wakes the wait below.
+            self.wake.clear()
             status = self._reap()
             if status is not None:
                 return status
@@ -295,7 +297,6 @@ class Agent:
                         continue
                     wait = self._poll_delay(reply.retry_after_s)
             self.wake.wait(wait)
-            self.wake.clear()
 
     def _poll_delay(self, retry_after_s: float) -> float:
         base = max(1.0, min(float(retry_after_s), self.opts.poll_max_s))
@@ -337,7 +338,13 @@ class Agent:
         """Collect finished runners; returns an exit status if one of them means the agent must stop."""
         status = None
         with self.lock:
-            done = [(tid, r) for tid, (r, th) in self.running.items() if not th.is_alive()]
+            # A runner's outcome is set before it wakes us, while its thread may still be alive:
+            # waiting for the thread to end here could miss the wake-up and leave the agent idle.
+            done = [
+                (tid, r)
+                for tid, (r, th) in self.running.items()
+                if r.outcome is not None or not th.is_alive()
+            ]
             for tid, _ in done:
                 del self.running[tid]
         for _, runner in done:
