@@ -501,3 +501,30 @@ def test_batches_isolate_one_bad_job_from_the_others(api: Api, monkeypatch: pyte
     assert trusted_rows(api) == 3
     e = schema.events
     assert api.count(e, e.c.action == "job.done") == 3
+
+
+def test_a_storage_failure_on_one_job_holds_back_only_that_job(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airlock.assimilator import assimilate
+    from airlock.storage.base import StorageError
+    from airlock.validator.validate import validate_pending
+
+    ids = api.submit(*(job(f"j{i}") for i in range(3)))["jobs"]
+    v = api.volunteer()
+    for t in v.work(slots=3):
+        finish(v, t, {"out.txt": b"result\n"})
+    assert validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings) == 3
+    real_copy = assimilate._copy_to_trusted
+
+    def copy(quarantine: Any, trusted: Any, location: str, key: str, expected: Any) -> None:
+        if key.split("/")[2] == str(ids[1]):  # trusted/<batch>/<job>/<name>
+            raise StorageError("storage unreachable")
+        real_copy(quarantine, trusted, location, key, expected)
+
+    monkeypatch.setattr(assimilate, "_copy_to_trusted", copy)
+    assert assimilate.assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 2
+    assert [api.job(j)["state"] for j in ids] == ["done", "assimilating", "done"]
+    monkeypatch.setattr(assimilate, "_copy_to_trusted", real_copy)
+    assert assimilate.assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 1
+    assert api.job(ids[1])["state"] == "done"

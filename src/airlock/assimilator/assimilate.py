@@ -65,7 +65,11 @@ def _assimilate_batch(engine: Engine, quarantine: Storage, trusted: Storage, job
     ready: list[tuple[Any, Any, list[tuple[Any, str]]]] = []
     for job in jobs:
         task = tasks[job.canonical_task_id]
-        copied = _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []))
+        try:
+            copied = _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []))
+        except Exception:  # e.g. storage unreachable: this job waits for the next pass, the others go on
+            log.exception("assimilating job %s failed; will retry", job.id)
+            continue
         if copied is not None:
             ready.append((job, task, copied))
     if not ready:
@@ -73,7 +77,7 @@ def _assimilate_batch(engine: Engine, quarantine: Storage, trusted: Storage, job
 
     now = utcnow()
     finished: list[tuple[Any, str]] = []
-    done = 0
+    done: list[tuple[int, int]] = []
     with engine.begin() as conn:
         for job, task, copied in ready:
             if not transition(
@@ -115,12 +119,13 @@ def _assimilate_batch(engine: Engine, quarantine: Storage, trusted: Storage, job
                     ],
                 )
             finished.extend(copied)
-            done += 1
-            log.info("job %s done: %d outputs in trusted storage", job.id, len(copied))
+            done.append((job.id, len(copied)))
         crash_point("assimilate.before_commit")
     crash_point("assimilate.after_commit")
+    for job_id, n in done:
+        log.info("job %s done: %d outputs in trusted storage", job_id, n)
     _delete_quarantined(engine, quarantine, [out for out, _ in finished])
-    return done
+    return len(done)
 
 
 def _copy_outputs(
