@@ -44,9 +44,10 @@ def test_discovery_and_jwks_verify_our_tokens(api: Api) -> None:
             assert claims["exp"] - claims["iat"] == api.gw.settings.access_token_ttl_s
         else:
             assert claims["scope"] == f"storage.create:/quarantine/{v.id}/{task['task_id']}"
-            # valid for this task only, until its deadline (per job: `deadline_s`)
-            deadline = datetime.fromisoformat(task["deadline"])
-            assert abs(claims["exp"] - deadline.timestamp()) <= 1
+            # valid for this task only, for minutes (`upload_token_ttl_s`), never past its deadline
+            deadline = datetime.fromisoformat(task["deadline"]).timestamp()
+            ttl = api.gw.settings.upload_token_ttl_s
+            assert abs(claims["exp"] - min(deadline, claims["iat"] + ttl)) <= 1
 
 
 def test_rotation_keeps_tokens_in_flight_valid(api: Api) -> None:
