@@ -16,22 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+from reexec import ensure_venv
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def _ensure_venv() -> None:
-    """Re-run under the project's virtualenv when started by a Python that cannot import airlock."""
-    try:
-        import airlock  # noqa: F401
-    except ImportError:
-        venv_python = REPO / ".venv" / "bin" / "python"
-        if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
-            os.execv(venv_python, [str(venv_python), *sys.argv])
-        raise
-
-
-_ensure_venv()
+ensure_venv()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
