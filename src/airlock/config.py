@@ -58,6 +58,23 @@ class Settings(BaseModel):
         default=None, description="audience of the gateway's own storage token; storage_url if unset"
     )
 
+    boinc_project_name: str = Field(default="Airlock", description="BOINC: the name clients show")
+    boinc_app: str = Field(
+        default="airlock_wrapper", description="BOINC: the signed app that runs every Airlock job"
+    )
+    boinc_next_rpc_delay_s: float = Field(
+        default=3600, gt=0, description="BOINC: a client asks again after this long even with nothing to do"
+    )
+    boinc_abort_ack_delay_s: float = Field(
+        default=60,
+        ge=0,
+        description="BOINC: an aborted result is acknowledged only this long after the abort was sent, so "
+        "the client has killed the app first (it kills a non-API app after 60 s)",
+    )
+    boinc_max_upload_bytes: int = Field(
+        default=2**30, ge=1, description="BOINC: cap on one upload request (each output has its own cap)"
+    )
+
     @field_validator("public_url")
     @classmethod
     def _strip(cls, v: str) -> str:
@@ -82,6 +99,11 @@ class Settings(BaseModel):
     def upload_base_url(self) -> str:
         """Where volunteers upload outputs: the gateway's own bridge, or the storage endpoint directly."""
         return (self.storage_url or "").rstrip("/") if self.bridge == "xrootd" else self.public_url
+
+    @property
+    def boinc_master_url(self) -> str:
+        """The BOINC project URL volunteers attach to (BOINC wants the trailing slash)."""
+        return f"{self.public_url}/boinc/"
 
     @property
     def keys_dir(self) -> Path:

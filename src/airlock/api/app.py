@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airlock import __version__
-from airlock.api import bridge, credentials, operator, volunteer
+from airlock.api import boinc, bridge, credentials, operator, volunteer
 from airlock.context import Gateway
 from airlock.core.errors import AirlockError
 from airlock.service import BackgroundLoops
@@ -105,4 +105,5 @@ def create_app(gw: Gateway, *, background: bool | None = None) -> FastAPI:
     app.include_router(operator.router)
     app.include_router(bridge.router)
     app.include_router(credentials.router)
+    app.include_router(boinc.router)
     return app

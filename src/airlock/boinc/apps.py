@@ -27,6 +27,7 @@ from airlock.core.schemas import FILE_NAME_RE
 
 PUBLIC_KEY_FILE = "code_sign_public"
 MANIFEST = "app_version.json"
+STAMP = "apps.stamp"  # touched on every publication, so serving processes know to reload
 ANY_PLATFORM = "any"
 
 
@@ -46,6 +47,11 @@ class AppVersion:
     platform: str  # a BOINC platform name such as x86_64-pc-linux-gnu, or "any"
     folder: Path
     files: tuple[AppFile, ...]
+
+
+def wrapper_path() -> Path:
+    """The Airlock wrapper app shipped with the package (sign it with `airlock boinc sign-app --wrapper`)."""
+    return Path(__file__).parent / "app" / "airlock_wrapper.py"
 
 
 def boinc_dir(data_dir: Path) -> Path:
@@ -124,6 +130,7 @@ def sign_app(
     if not public_file.exists():
         public_file.write_text(public_text)
     staging.rename(folder)  # the version appears whole or not at all
+    (base / STAMP).write_text(f"{app} {version} {platform}\n")
     return load_app_version(data_dir, folder)
 
 

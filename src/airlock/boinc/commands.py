@@ -25,11 +25,14 @@ def add_commands(sub: Any, gateway_args: Callable[[argparse.ArgumentParser], Non
     s.add_argument(
         "--key", type=Path, required=True, help="the private key from `keygen` (not in --data-dir)"
     )
-    s.add_argument("--app", required=True, help="app name, e.g. airlock_wrapper")
+    s.add_argument("--app", default=None, help="app name (default: the boinc_app setting, airlock_wrapper)")
     s.add_argument("--version", type=int, required=True, help="version number, e.g. 100 for 1.00")
     s.add_argument("--platform", default="any", help="BOINC platform, e.g. x86_64-pc-linux-gnu (default any)")
     s.add_argument("--main", help="the main program's file name (default: the first file)")
-    s.add_argument("files", nargs="+", type=Path, help="the app version's files")
+    s.add_argument(
+        "--wrapper", action="store_true", help="sign the Airlock wrapper shipped with this package"
+    )
+    s.add_argument("files", nargs="*", type=Path, help="the app version's files")
     s.set_defaults(func=cmd_sign_app)
 
 
@@ -52,14 +55,24 @@ def cmd_keygen(ns: argparse.Namespace) -> int:
 
 
 def cmd_sign_app(ns: argparse.Namespace) -> int:
-    from airlock.boinc.apps import sign_app
+    from airlock.boinc.apps import sign_app, wrapper_path
     from airlock.boinc.signing import SignatureError
     from airlock.cli import _settings
 
     settings = _settings(ns)
+    files: list[Path] = ns.files + ([wrapper_path()] if ns.wrapper else [])
+    if not files:
+        console.print("[red]name the app's files, or give --wrapper[/]")
+        return 1
     try:
         version = sign_app(
-            ns.key, settings.data_dir, ns.app, ns.version, ns.files, platform=ns.platform, main=ns.main
+            ns.key,
+            settings.data_dir,
+            ns.app or settings.boinc_app,
+            ns.version,
+            files,
+            platform=ns.platform,
+            main=ns.main,
         )
     except (ValueError, FileExistsError, SignatureError, OSError) as exc:
         console.print(f"[red]{exc}[/]")

@@ -92,7 +92,7 @@ def authorise_upload(
     return UploadTarget(volunteer_id, task_id, name, row.job_id, row.host_id, declared[name])
 
 
-def _record(conn: Connection, target: UploadTarget, digest: Digest, rate: float | None) -> bool:
+def record_upload(conn: Connection, target: UploadTarget, digest: Digest, rate: float | None) -> bool:
     """Insert the quarantined file's row; False if this exact file was recorded before (a retry)."""
     f = schema.files
     try:
@@ -189,10 +189,10 @@ async def receive_upload(
                     f"{name} was already uploaded for task {task_id}; files in quarantine are immutable"
                 ) from None
             with engine.begin() as conn:
-                _record(conn, target, digest, rate)  # the row may be missing if a crash came in between
+                record_upload(conn, target, digest, rate)  # the row may be missing if a crash came in between
             return False
         with engine.begin() as conn:
-            return _record(conn, target, digest, rate)
+            return record_upload(conn, target, digest, rate)
 
     created = await run_in_threadpool(_publish)
     receipt = UploadAccepted(

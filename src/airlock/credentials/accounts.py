@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from datetime import timedelta
 
@@ -35,6 +36,7 @@ def register_volunteer(
                     name=name,
                     email=email,
                     password_hash=_hasher.hash(password),
+                    boinc_passwd_hash=_hasher.hash(boinc_passwd_hash(password, email)) if email else None,
                     authenticator=secrets.token_hex(16),
                     state=VolunteerState.ACTIVE.value,
                     created_at=now,
@@ -45,6 +47,31 @@ def register_volunteer(
         raise Conflict(f"volunteer name {name!r} is taken") from exc
     record_event(conn, actor, "volunteer.registered", "volunteer", vid, {"name": name})
     return VolunteerView(id=vid, name=name, state=VolunteerState.ACTIVE.value, created_at=now)
+
+
+def boinc_passwd_hash(password: str, email: str) -> str:
+    """What a BOINC client sends for a password: md5(password + lower(email)) in hex (BOINC's scheme; the
+    gateway stores only an argon2 hash of it)."""
+    return hashlib.md5((password + email.lower()).encode(), usedforsecurity=False).hexdigest()
+
+
+def lookup_boinc_account(engine: Engine, email: str, passwd_hash: str) -> str:
+    """The authenticator of the volunteer with this e-mail address, if `passwd_hash` is BOINC's hash of
+    their password (deliberately slow, like a login, and as slow for an unknown address)."""
+    with read(engine) as conn:
+        row = conn.execute(
+            select(schema.volunteers.c.authenticator, schema.volunteers.c.boinc_passwd_hash).where(
+                func.lower(schema.volunteers.c.email) == email.lower()
+            )
+        ).first()
+    try:
+        _hasher.verify(row.boinc_passwd_hash if row and row.boinc_passwd_hash else _DUMMY_HASH, passwd_hash)
+        ok = row is not None and row.boinc_passwd_hash is not None
+    except (VerificationError, InvalidHashError):
+        ok = False
+    if not ok or row is None:
+        raise Unauthorized("no account with this e-mail address and password")
+    return str(row.authenticator)
 
 
 _VOLUNTEER_STATE = select(schema.volunteers.c.state).where(schema.volunteers.c.id == bindparam("id"))

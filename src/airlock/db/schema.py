@@ -61,6 +61,8 @@ volunteers = Table(
     Column("email", String(254)),
     Column("password_hash", String(256), nullable=False),
     Column("authenticator", String(64), nullable=False, unique=True),
+    # argon2 of BOINC's md5(password + lower(email)), for lookup_account.php (None: no BOINC login)
+    Column("boinc_passwd_hash", String(256)),
     Column("state", String(16), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("blocked_at", UTCDateTime()),
@@ -146,6 +148,7 @@ tasks = Table(
     Column("agreement", String(64)),  # app comparator's fingerprint of the outputs
     Column("verdict", Text),  # why the validator decided what it did
     Column("validated_at", UTCDateTime()),
+    Column("abort_sent_at", UTCDateTime()),  # BOINC: when a <result_abort> first went to the client
 )
 Index("ix_tasks_state", tasks.c.state, tasks.c.id)
 Index("ix_tasks_lease", tasks.c.state, tasks.c.lease_expires_at)
@@ -161,6 +164,7 @@ files = Table(
     Column("size", BigInteger, nullable=False),
     Column("adler32", String(8), nullable=False),
     Column("sha256", String(64), nullable=False),
+    Column("md5", String(32)),  # inputs served to BOINC clients (which verify MD5), computed once
     Column("location", String(1024), nullable=False),  # storage key
     Column("job_id", ForeignKey("jobs.id")),
     Column("task_id", ForeignKey("tasks.id")),

@@ -109,8 +109,17 @@ def own_host(conn: Connection, volunteer_id: int, host_id: int) -> Any:
 
 
 def request_work(
-    conn: Connection, settings: Settings, issuer: TokenIssuer, volunteer_id: int, req: WorkRequest
+    conn: Connection,
+    settings: Settings,
+    issuer: TokenIssuer,
+    volunteer_id: int,
+    req: WorkRequest,
+    *,
+    lease_to_deadline: bool = False,
 ) -> WorkReply:
+    """Lease up to `req.slots` tasks to the host. `lease_to_deadline` is for clients that do not
+    heartbeat (BOINC): their lease is the report deadline, and they upload with a name the scheduler
+    signed instead of a token, so none is issued."""
     host = own_host(conn, volunteer_id, req.host_id)
     now = utcnow()
     allowed = remaining(host.daily_quota, host.cores, host.quota_day, host.dispatched_today, now)
@@ -146,8 +155,8 @@ def request_work(
             break
         if cand.job_id in jobs_taken or cand.cores > cores or cand.memory_mb > memory or cand.disk_mb > disk:
             continue
-        lease_expires = now + timedelta(seconds=settings.lease_s)
         deadline = now + timedelta(seconds=cand.deadline_s)
+        lease_expires = deadline if lease_to_deadline else now + timedelta(seconds=settings.lease_s)
         if not transition(
             conn,
             TaskState.LEASED,
@@ -169,7 +178,14 @@ def request_work(
         cores, memory, disk = cores - cand.cores, memory - cand.memory_mb, disk - cand.disk_mb
         assignments.append(
             _assignment(
-                conn, settings, issuer, volunteer_id, cand, now, min(lease_expires, deadline), deadline
+                conn,
+                settings,
+                issuer if not lease_to_deadline else None,
+                volunteer_id,
+                cand,
+                now,
+                min(lease_expires, deadline),
+                deadline,
             )
         )
 
@@ -204,7 +220,7 @@ def issue_upload_token(
 def _assignment(
     conn: Connection,
     settings: Settings,
-    issuer: TokenIssuer,
+    issuer: TokenIssuer | None,
     volunteer_id: int,
     cand: Any,
     now: datetime,
@@ -214,7 +230,11 @@ def _assignment(
     spec = cand.spec
     base = settings.public_url
     path = quarantine_path(volunteer_id, cand.id)
-    upload = issue_upload_token(conn, settings, issuer, volunteer_id, cand.id, now, deadline)
+    upload = (
+        None
+        if issuer is None
+        else issue_upload_token(conn, settings, issuer, volunteer_id, cand.id, now, deadline)
+    )
     inputs = []
     if spec["inputs"]:
         f = schema.files
@@ -256,5 +276,5 @@ def _assignment(
         lease_expires_at=lease_expires,
         deadline=deadline,
         heartbeat_interval_s=settings.heartbeat_interval_s,
-        upload_token=upload.token,
+        upload_token=upload.token if upload else "",
     )

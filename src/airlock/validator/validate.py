@@ -16,8 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
-from airlock.bridge.quarantine import UploadTarget, output_key
-from airlock.bridge.quarantine import _record as record_upload
+from airlock.bridge.quarantine import UploadTarget, output_key, record_upload
 from airlock.config import Settings
 from airlock.core.checksums import Digest
 from airlock.core.states import JobState, TaskState

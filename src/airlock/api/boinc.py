@@ -1,0 +1,137 @@
+"""The BOINC project's HTTP face, under `<public_url>/boinc/` (the project URL clients attach to).
+
+Thin: each route hands the request to `airlock.boinc`. The scheduler RPC runs its one transaction on the
+event loop, like the native hot routes (see `api/volunteer.py`); password checks, checksums and file
+sending go to threads.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse
+
+from airlock.api.deps import GatewayDep
+from airlock.boinc import pages
+from airlock.boinc.project import BoincProject
+from airlock.boinc.protocol import MAX_REQUEST_BYTES, BoincProtocolError, parse_scheduler_request
+from airlock.boinc.reply import Message, SchedulerReply, render_reply
+from airlock.boinc.scheduler import Rpc, handle_request
+from airlock.boinc.upload import UploadHandler
+from airlock.context import Gateway
+from airlock.core.errors import NotFound, TooLarge, Unauthorized
+from airlock.credentials.accounts import lookup_boinc_account
+from airlock.generator.inputs import input_key
+
+router = APIRouter(prefix="/boinc", tags=["boinc"])
+XML = "text/xml"
+_projects: dict[tuple[str, str], BoincProject] = {}
+BAD_REQUEST_DELAY_S = 600.0
+
+
+def project(gw: Gateway) -> BoincProject:
+    key = (str(gw.settings.data_dir.resolve()), gw.settings.public_url)
+    found = _projects.get(key)
+    if found is None or found.settings is not gw.settings:
+        found = _projects[key] = BoincProject.open(gw.settings)
+    return found
+
+
+@router.get("/", response_class=HTMLResponse)
+async def master(gw: GatewayDep) -> HTMLResponse:
+    """The master page: names the scheduler."""
+    return HTMLResponse(pages.master_page(project(gw)))
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"request body over {limit} bytes")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise TooLarge(f"request body over {limit} bytes")
+    return bytes(buf)
+
+
+@router.post("/cgi")
+async def scheduler(gw: GatewayDep, request: Request) -> Response:
+    """A scheduler RPC: report results, get work. A request we cannot serve still gets a scheduler
+    reply, with a message the client shows the volunteer and a delay before it asks again."""
+    p = project(gw)
+    try:
+        body = await _body(request, MAX_REQUEST_BYTES)
+        req = parse_scheduler_request(body)
+    except (BoincProtocolError, TooLarge) as exc:
+        reply = SchedulerReply(
+            gw.settings.boinc_project_name,
+            p.master_url,
+            request_delay=BAD_REQUEST_DELAY_S,
+            messages=[Message(f"Scheduler request refused: {exc}", "high")],
+        )
+        return Response(render_reply(reply), media_type=XML)
+    reply = handle_request(gw.engine, Rpc(p, gw.issuer, gw.inputs), req)
+    return Response(render_reply(reply), media_type=XML)
+
+
+@router.get("/download/{mac}/{sha256}", response_class=FileResponse)
+def download(gw: GatewayDep, mac: str, sha256: str) -> FileResponse:
+    """An input file, at the address the scheduler signed (Range requests resume a download)."""
+    if len(sha256) != 64 or not project(gw).signer.check_input(mac, sha256):
+        raise NotFound("no such file")
+    path = gw.inputs.local_path(input_key(sha256))
+    if path is None or not path.is_file():
+        raise NotFound("no such file")
+    return FileResponse(path, media_type="application/octet-stream")
+
+
+@router.get("/apps/{app}/{version}/{platform}/{name}", response_class=FileResponse)
+def app_file(gw: GatewayDep, app: str, version: int, platform: str, name: str) -> FileResponse:
+    """A signed app file (public, as in every BOINC project; the client checks the signature)."""
+    path = project(gw).app_file(app, version, platform, name)
+    if path is None:
+        raise NotFound("no such app file")
+    return FileResponse(path, media_type="application/octet-stream")
+
+
+@router.post("/file_upload_handler")
+async def file_upload_handler(gw: GatewayDep, request: Request) -> Response:
+    """Output uploads and `get_file_size` queries (always HTTP 200; the status is in the XML)."""
+    p = project(gw)
+    handler = UploadHandler(
+        gw.engine, gw.quarantine, p.signer, p.upload_staging, gw.settings.boinc_max_upload_bytes
+    )
+    length = request.headers.get("content-length")
+    body = await handler.handle(request.stream(), int(length) if length and length.isdigit() else None)
+    return Response(body, media_type=XML)
+
+
+@router.get("/lookup_account.php")
+async def lookup_account(
+    gw: GatewayDep,
+    email_addr: Annotated[str, Query(max_length=254)] = "",
+    passwd_hash: Annotated[str, Query(max_length=64)] = "",
+) -> Response:
+    """The account key for an e-mail address and BOINC's password hash (md5 of password + e-mail)."""
+    if not email_addr or not passwd_hash:
+        return Response(
+            pages.error(pages.ERR_BAD_PASSWD, "e-mail address and password needed"), media_type=XML
+        )
+    try:
+        authenticator = await anyio.to_thread.run_sync(
+            lookup_boinc_account, gw.engine, email_addr, passwd_hash.lower()
+        )
+    except Unauthorized:
+        return Response(
+            pages.error(pages.ERR_DB_NOT_FOUND, "no account with this e-mail address and password"),
+            media_type=XML,
+        )
+    return Response(pages.account_out(authenticator), media_type=XML)
+
+
+@router.get("/get_project_config.php")
+async def get_project_config(gw: GatewayDep) -> Response:
+    return Response(pages.project_config(project(gw)), media_type=XML)

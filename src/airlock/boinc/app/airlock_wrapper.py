@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Airlock's BOINC app: runs one Airlock task inside a BOINC slot. Standard library only.
+
+The BOINC client starts it in the slot directory with the workunit's command line:
+
+    airlock_wrapper.py --job <base64url JSON>    one Airlock task: {command, env, outputs, time_limit_s}
+    airlock_wrapper.py --vacuum                  the CMS@home model: run the Airlock agent, which pulls
+                                                 tasks itself, with the per-volunteer token the project
+                                                 put in the project-specific preferences
+
+Inputs are already in the slot under their open names and the payload writes its outputs there. With
+bubblewrap available the payload runs with no network, a read-only system, the BOINC data folder hidden
+(it holds the volunteer's account key) and `init_data.xml` blanked; without it, it runs directly under
+resource limits, and stderr says so. The payload dies with the wrapper (the client kills the wrapper to
+abort a task). Exit codes: the payload's own; 128+N if signal N killed it; 197 when the time limit passed
+(BOINC's EXIT_TIME_LIMIT_EXCEEDED); 195 when the payload could not be started; 194 for a bad job
+description. `boinc_finish_called` is written with the status before every exit, as the BOINC API does:
+without it the client restarts a task that exited 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_BAD_JOB = 194
+EXIT_CHILD_FAILED = 195
+EXIT_TIME_LIMIT_EXCEEDED = 197
+PR_SET_PDEATHSIG = 1
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    sys.stderr.write(f"[airlock-wrapper {stamp}] {message}\n")
+    sys.stderr.flush()
+
+
+def finish(status: int) -> None:
+    """BOINC's boinc_finish(): record the status, then exit with it."""
+    Path("boinc_finish_called").write_text(f"{status}\n")
+    sys.exit(status)
+
+
+@dataclass(frozen=True)
+class Job:
+    command: list[str]
+    env: dict[str, str]
+    outputs: list[str]
+    time_limit_s: float
+    memory_mb: int
+
+
+def decode_job(argv: list[str]) -> Job:
+    if "--job" not in argv or argv.index("--job") + 1 >= len(argv):
+        raise ValueError("no --job argument")
+    raw = argv[argv.index("--job") + 1]
+    job = json.loads(base64.urlsafe_b64decode(raw.encode()))
+    if not isinstance(job, dict):
+        raise ValueError("the job description is not an object")
+    command = job.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        raise ValueError("the job's command is not a list of strings")
+    env = job.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ValueError("the job's env is not a string map")
+    outputs = job.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise ValueError("the job's outputs are not a list of names")
+    return Job(
+        command=command,
+        env=env,
+        outputs=outputs,
+        time_limit_s=float(job.get("time_limit_s") or 3600),
+        memory_mb=int(job.get("memory_mb") or 0),
+    )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the wrapper dies, so an abort kills the payload too."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    os.setsid()
+
+
+def _limits(memory_mb: int) -> Callable[[], None]:
+    def apply() -> None:
+        _die_with_parent()
+        if memory_mb > 0:  # address space, not RSS: leave room for interpreters' mappings
+            limit = 4 * memory_mb * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def sandbox_argv(slot: Path, argv: list[str], env: dict[str, str]) -> list[str] | None:
+    """The bubblewrap command line, or None when bubblewrap is missing or cannot run here."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None
+    probe = subprocess.run(
+        [bwrap, "--ro-bind", "/", "/", "--unshare-all", "--", "true"], capture_output=True, timeout=30
+    )
+    if probe.returncode != 0:
+        log(f"bubblewrap cannot run here: {probe.stderr.decode(errors='replace').strip()[:200]}")
+        return None
+    boinc_dir = slot.parent.parent  # <BOINC data>/slots/<n>
+    out = [bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--ro-bind", "/", "/"]
+    out += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    if boinc_dir != Path("/") and (boinc_dir / "slots").is_dir():
+        out += ["--tmpfs", str(boinc_dir)]  # account files, other projects' data, the GUI RPC password
+    out += ["--bind", str(slot), str(slot)]
+    if (slot / "init_data.xml").exists():
+        out += ["--ro-bind", "/dev/null", str(slot / "init_data.xml")]  # it holds the account key
+    out += ["--chdir", str(slot), "--clearenv"]
+    for key, value in env.items():
+        out += ["--setenv", key, value]
+    return [*out, "--", *argv]
+
+
+def run_task(job: Job) -> int:
+    slot = Path.cwd().resolve()
+    command, outputs, time_limit = job.command, job.outputs, job.time_limit_s
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": str(slot),
+        "LANG": "C.UTF-8",
+        **job.env,
+    }
+    sandboxed = sandbox_argv(slot, command, env)
+    if sandboxed is None:
+        log("no sandbox (bubblewrap missing or refused): running the payload directly, with limits")
+    else:
+        log("sandbox: bubblewrap, no network, read-only system, BOINC folder hidden")
+    argv = sandboxed or command
+    log(f"running {command!r}, time limit {time_limit:.0f} s")
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=slot,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr,  # BOINC discards stdout; keep it in stderr.txt
+            stderr=sys.stderr,
+            preexec_fn=_limits(0 if sandboxed else job.memory_mb),
+        )
+    except OSError as exc:
+        log(f"could not start the payload: {exc}")
+        return EXIT_CHILD_FAILED
+    try:
+        code = proc.wait(timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log(f"time limit of {time_limit:.0f} s exceeded: payload killed")
+        return EXIT_TIME_LIMIT_EXCEEDED
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed, cpu = time.monotonic() - started, usage.ru_utime + usage.ru_stime
+    log(f"payload ended: exit code {code}, {elapsed:.1f} s elapsed, {cpu:.1f} s CPU")
+    for name in outputs:
+        path = slot / name
+        log(f"output {name}: " + (f"{path.stat().st_size} bytes" if path.exists() else "MISSING"))
+    if code < 0:
+        return 128 - code  # killed by signal -code
+    return min(code, 255)
+
+
+def vacuum(slot: Path) -> int:
+    """Run the Airlock agent with the token the project put in the project-specific preferences."""
+    try:
+        root = ET.parse(slot / "init_data.xml").getroot()
+    except (OSError, ET.ParseError) as exc:
+        log(f"no readable init_data.xml: {exc}")
+        return EXIT_BAD_JOB
+    prefs = root.find("project_preferences/project_specific")
+    gateway = prefs.findtext("airlock_gateway") if prefs is not None else None
+    token = prefs.findtext("airlock_token") if prefs is not None else None
+    if not gateway or not token:
+        log("the project-specific preferences carry no airlock_gateway/airlock_token")
+        return EXIT_BAD_JOB
+    agent = shutil.which("airlock")
+    if agent is None:
+        log("the Airlock agent (`airlock`) is not installed on this host")
+        return EXIT_CHILD_FAILED
+    token_file = slot / "airlock_token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token.strip() + "\n")
+    argv = [agent, "agent", "--server", gateway, "--token-file", str(token_file), "--once"]
+    argv += ["--work-dir", str(slot / "agent")]
+    log(f"vacuum mode: running the Airlock agent against {gateway}")
+    try:
+        code = subprocess.call(argv, cwd=slot, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    finally:
+        token_file.unlink(missing_ok=True)
+    return 128 - code if code < 0 else min(code, 255)
+
+
+def main(argv: list[str]) -> None:
+    log(f"Airlock wrapper, python {sys.version.split()[0]}, slot {Path.cwd()}")
+    if "--vacuum" in argv:
+        finish(vacuum(Path.cwd().resolve()))
+    try:
+        job = decode_job(argv)
+    except (ValueError, json.JSONDecodeError, UnicodeError) as exc:
+        log(f"bad job description: {exc}")
+        finish(EXIT_BAD_JOB)
+    finish(run_task(job))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
