@@ -12,16 +12,21 @@ Inputs are already in the slot under their open names and the payload writes its
 bubblewrap available the payload runs with no network, a read-only system, the BOINC data folder hidden
 (it holds the volunteer's account key) and `init_data.xml` blanked; without it, it runs directly under
 resource limits, and stderr says so. The payload dies with the wrapper (the client kills the wrapper to
-abort a task). Exit codes: the payload's own; 128+N if signal N killed it; 197 when the time limit passed
-(BOINC's EXIT_TIME_LIMIT_EXCEEDED); 195 when the payload could not be started; 194 for a bad job
-description. `boinc_finish_called` is written with the status before every exit, as the BOINC API does:
-without it the client restarts a task that exited 0.
+abort a task). It speaks the client's shared-memory channel like the BOINC API: <abort/> kills the
+payload at once (no 60 s wait for the client to kill us), <quit/> ends it unfinished, <suspend/> and
+<resume/> stop and continue the payload's processes, and the CPU time and progress go back to the client.
+Exit codes: the payload's own; 128+N if signal N killed it; BOINC's 197 when the time limit passed, 195
+when the payload could not start, 206 for a bad job description. `boinc_finish_called` is written with
+the status when the task is over, as boinc_finish() does: without it the client restarts a task that
+exited 0.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import mmap
 import os
 import resource
 import shutil
@@ -34,10 +39,96 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_BAD_JOB = 194
+# BOINC's exit codes (lib/error_numbers.h)
+EXIT_ABORTED_BY_CLIENT = 194
 EXIT_CHILD_FAILED = 195
 EXIT_TIME_LIMIT_EXCEEDED = 197
+EXIT_CLIENT_EXITING = 199
+EXIT_INIT_FAILURE = 206
 PR_SET_PDEATHSIG = 1
+MSG_CHANNEL_SIZE = 1024
+PROCESS_CONTROL_REQUEST, APP_STATUS = 0, 5  # channels of the client's SHARED_MEM (lib/app_ipc.h)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Stop(Exception):
+    """End the wrapper with `status`; `finished` says whether the task is over (write the finish file)."""
+
+    def __init__(self, status: int, finished: bool) -> None:
+        super().__init__(status)
+        self.status = status
+        self.finished = finished
+
+
+class ClientChannel:
+    """The BOINC client's shared memory in the slot (`boinc_mmap_file`): it sends <quit/>, <suspend/>,
+    <resume/> and <abort/> here, and shows the CPU time and progress we write back. Each 1 KB channel's
+    first byte says whether it holds an unread message."""
+
+    def __init__(self, mem: mmap.mmap) -> None:
+        self.mem = mem
+
+    @classmethod
+    def open(cls, slot: Path) -> ClientChannel | None:
+        path = slot / "boinc_mmap_file"
+        try:
+            with path.open("r+b") as fh:
+                return cls(mmap.mmap(fh.fileno(), 8 * MSG_CHANNEL_SIZE))
+        except (OSError, ValueError):
+            return None
+
+    def receive(self) -> str | None:
+        base = PROCESS_CONTROL_REQUEST * MSG_CHANNEL_SIZE
+        if not self.mem[base]:
+            return None
+        raw = self.mem[base + 1 : base + MSG_CHANNEL_SIZE].split(b"\0", 1)[0]
+        self.mem[base] = 0
+        return raw.decode(errors="replace")
+
+    def report(self, cpu_s: float, fraction_done: float) -> None:
+        base = APP_STATUS * MSG_CHANNEL_SIZE
+        if self.mem[base]:
+            return  # the client has not read the last one
+        msg = (
+            f"<current_cpu_time>{cpu_s:f}</current_cpu_time>\n"
+            f"<checkpoint_cpu_time>{cpu_s:f}</checkpoint_cpu_time>\n"
+            f"<fraction_done>{fraction_done:f}</fraction_done>\n"
+        ).encode()[: MSG_CHANNEL_SIZE - 2]
+        self.mem[base + 1 : base + 2 + len(msg)] = msg + b"\0"
+        self.mem[base] = 1
+
+
+def process_tree(root: int) -> dict[int, float]:
+    """CPU seconds of `root` and every process below it (by parent links in /proc)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    tree, frontier = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return {pid: cpu.get(pid, 0.0) for pid in tree}
+
+
+def signal_tree(root: int, sig: int) -> None:
+    for pid in process_tree(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def log(message: str) -> None:
@@ -166,14 +257,15 @@ def run_task(job: Job) -> int:
         log(f"could not start the payload: {exc}")
         return EXIT_CHILD_FAILED
     try:
-        code = proc.wait(timeout=time_limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log(f"time limit of {time_limit:.0f} s exceeded: payload killed")
-        return EXIT_TIME_LIMIT_EXCEEDED
+        code = supervise(proc, slot, time_limit)
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     elapsed, cpu = time.monotonic() - started, usage.ru_utime + usage.ru_stime
+    if (channel := ClientChannel.open(slot)) is not None:
+        channel.report(cpu, 1.0)
     log(f"payload ended: exit code {code}, {elapsed:.1f} s elapsed, {cpu:.1f} s CPU")
     for name in outputs:
         path = slot / name
@@ -183,19 +275,61 @@ def run_task(job: Job) -> int:
     return min(code, 255)
 
 
+def supervise(proc: subprocess.Popen[bytes], slot: Path, time_limit: float) -> int:
+    """Wait for the payload while obeying the client: abort, quit, suspend and resume; the time limit
+    counts running time only. Raises Stop when the task ends otherwise than by the payload exiting."""
+    channel = ClientChannel.open(slot)
+    parent = os.getppid()
+    ran, last, suspended, last_status = 0.0, time.monotonic(), False, 0.0
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if not suspended:
+            ran += now - last
+        last = now
+        if ran > time_limit:
+            log(f"time limit of {time_limit:.0f} s exceeded: payload killed")
+            raise Stop(EXIT_TIME_LIMIT_EXCEEDED, finished=True)
+        if os.getppid() != parent:
+            log("the BOINC client went away: payload killed, the task stays unfinished")
+            raise Stop(EXIT_CLIENT_EXITING, finished=False)
+        message = channel.receive() if channel else None
+        if message and "<abort/>" in message:
+            log("aborted by the BOINC client: payload killed")
+            raise Stop(EXIT_ABORTED_BY_CLIENT, finished=False)
+        if message and "<quit/>" in message:
+            log("the BOINC client asked us to quit: payload killed; the task restarts later")
+            raise Stop(0, finished=False)
+        if message and "<suspend/>" in message and not suspended:
+            signal_tree(proc.pid, signal.SIGSTOP)
+            suspended = True
+            log("suspended")
+        if message and "<resume/>" in message and suspended:
+            signal_tree(proc.pid, signal.SIGCONT)
+            suspended = False
+            log("resumed")
+        if channel and now - last_status >= 1.0:
+            cpu = sum(process_tree(proc.pid).values())
+            channel.report(cpu, min(0.99, ran / max(1.0, time_limit / 4)))
+            last_status = now
+
+
 def vacuum(slot: Path) -> int:
     """Run the Airlock agent with the token the project put in the project-specific preferences."""
     try:
         root = ET.parse(slot / "init_data.xml").getroot()
     except (OSError, ET.ParseError) as exc:
         log(f"no readable init_data.xml: {exc}")
-        return EXIT_BAD_JOB
+        return EXIT_INIT_FAILURE
     prefs = root.find("project_preferences/project_specific")
     gateway = prefs.findtext("airlock_gateway") if prefs is not None else None
     token = prefs.findtext("airlock_token") if prefs is not None else None
     if not gateway or not token:
         log("the project-specific preferences carry no airlock_gateway/airlock_token")
-        return EXIT_BAD_JOB
+        return EXIT_INIT_FAILURE
     agent = shutil.which("airlock")
     if agent is None:
         log("the Airlock agent (`airlock`) is not installed on this host")
@@ -222,8 +356,13 @@ def main(argv: list[str]) -> None:
         job = decode_job(argv)
     except (ValueError, json.JSONDecodeError, UnicodeError) as exc:
         log(f"bad job description: {exc}")
-        finish(EXIT_BAD_JOB)
-    finish(run_task(job))
+        finish(EXIT_INIT_FAILURE)
+    try:
+        finish(run_task(job))
+    except Stop as stop:
+        if stop.finished:
+            finish(stop.status)
+        sys.exit(stop.status)
 
 
 if __name__ == "__main__":
