@@ -57,6 +57,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/credentials.py
+	$(BIN)/python bench/boinc_rpc.py
 
 clean:
 	rm -rf $(VENV) airlock-data .mypy_cache .ruff_cache .pytest_cache

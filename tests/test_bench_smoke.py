@@ -49,3 +49,21 @@ def test_dispatch_benchmark_smoke(tmp_path: Path) -> None:
     assert figures["cycles"] > 0
     assert figures["errors"] == 0 and figures["baseline_errors"] == 0, figures["error_samples"]
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_boinc_rpc_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "boinc_rpc.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "boinc_rpc.py"), "--seconds", "2", "--hosts", "4",
+         "--jobs", "2000", "--json", str(out)],
+        capture_output=True, text=True, timeout=110, cwd=REPO,
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
+    m = re.match(r"^boinc_rpc: (\d+) RPCs/s, (\d+\.\d\d) of baseline, p99 (\d+\.\d) ms$", lines[-1])
+    assert m, f"unexpected last line {lines[-1]!r}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    figures = json.loads(out.read_text())
+    assert figures["rpcs_per_s"] > 0 and figures["errors"] == 0, figures["error_samples"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
