@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .boinc_host import BoincHost, boinc_available
+from airlock.demo.boinc_clients import BoincHost, boinc_available
+
 from .helpers import PASSWORD
 from .live import LiveGateway
 
@@ -106,9 +107,8 @@ def test_two_boinc_clients_take_a_batch_to_trusted_storage(gateway: LiveGateway,
         with gateway.op() as op:
             for i, host in enumerate(hosts):
                 email = volunteer(op, f"vol{i}")
-                out = host.cmd("--lookup_account", url, email, PASSWORD).stdout
-                authenticator = out.split("account key:")[-1].strip().split()[0]
-                assert len(authenticator) == 32, out
+                authenticator = host.lookup_account(url, email, PASSWORD)
+                assert len(authenticator) == 32, authenticator
                 host.attach(url, authenticator)
 
             def poke() -> None:

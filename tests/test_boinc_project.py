@@ -51,6 +51,7 @@ class Client:
         self.has_key = False
         self.ncpus = ncpus
         self.seqno = 0
+        self.name = name
 
     def rpc(
         self,
@@ -68,7 +69,12 @@ class Client:
             client_version=(7, 20, 5),
             work_req_seconds=work,
             host=HostInfo(
-                host_cpid="c" * 32, p_ncpus=self.ncpus, p_model="Test CPU", m_nbytes=8e9, d_free=5e10
+                host_cpid="c" * 32,
+                domain_name=f"{self.name}-laptop",
+                p_ncpus=self.ncpus,
+                p_model="Test CPU",
+                m_nbytes=8e9,
+                d_free=5e10,
             ),
             results=results,
             other_results=others,
@@ -211,6 +217,8 @@ def test_a_boinc_client_takes_a_job_to_trusted_storage(project: Api) -> None:
     reply = client.rpc()
     assert client.hostid > 0 and client.has_key, ET.tostring(reply)
     assert reply.findtext("userid") == str(client.volunteer_id)
+    (host,) = api.op("GET", "/api/v1/hosts").json()
+    assert (host["id"], host["name"], host["cores"]) == (client.hostid, "ada-laptop", 1)
     # app version: signed wrapper, served publicly
     app_file = next(el for el in reply.findall("file_info") if el.find("executable") is not None)
     assert app_file.findtext("file_signature")

@@ -254,6 +254,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
             events=ns.events,
             database_url=ns.database_url,
             bridge=ns.bridge,
+            boinc=ns.boinc,
         )
     )
 
@@ -345,7 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole system on the embedded default, with misbehaving volunteers")
     p.add_argument("--jobs", type=int, default=100, help="jobs in the batch (default 100)")
-    p.add_argument("--agents", type=int, default=8, help="agents, some of which misbehave")
+    p.add_argument("--agents", type=int, default=8, help="agents, some of which misbehave (0: none)")
+    p.add_argument(
+        "--boinc",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N real BOINC clients (Debian's boinc-client) attached to the gateway's BOINC project",
+    )
     p.add_argument("--events", type=int, default=2000, help="Monte Carlo events per job")
     p.add_argument(
         "--work-dir",

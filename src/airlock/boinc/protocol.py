@@ -49,6 +49,7 @@ class ReportedResult:
 @dataclass(frozen=True)
 class HostInfo:
     host_cpid: str = ""
+    domain_name: str = ""
     p_ncpus: int = 1
     p_model: str = ""
     m_nbytes: float = 0.0
@@ -168,6 +169,7 @@ def parse_scheduler_request(body: bytes) -> SchedulerRequest:
         work_req_seconds=max(0.0, _float(root, "work_req_seconds")),
         host=HostInfo(
             host_cpid=_text(host, "host_cpid", limit=64),
+            domain_name=_text(host, "domain_name", limit=256),
             p_ncpus=max(1, _int(host, "p_ncpus", 1)),
             p_model=_text(host, "p_model", limit=256),
             m_nbytes=max(0.0, _float(host, "m_nbytes")),

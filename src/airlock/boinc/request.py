@@ -47,6 +47,7 @@ def render_request(req: SchedulerRequest, code_sign_key: str | None = None) -> b
         _add(root, "code_sign_key", code_sign_key or "1024\n.\n")
     h = ET.SubElement(root, "host_info")
     _add(h, "host_cpid", req.host.host_cpid)
+    _add(h, "domain_name", req.host.domain_name)
     _add(h, "p_ncpus", req.host.p_ncpus)
     _add(h, "p_model", req.host.p_model)
     _add(h, "m_nbytes", f"{req.host.m_nbytes:f}")

@@ -124,7 +124,7 @@ def _host(conn: Connection, rpc: Rpc, volunteer_id: int, req: SchedulerRequest) 
             return int(host.id)
     h = req.host
     registration = HostRegistration(
-        name=(h.p_model or h.host_cpid or "boinc host")[:128],
+        name=(h.domain_name or h.p_model or h.host_cpid or "boinc host")[:128],
         platform=(req.platform_name or "unknown")[:64],
         cores=min(max(1, h.p_ncpus), 4096),
         memory_mb=min(max(1, int(h.m_nbytes / 2**20)), 2**31 - 1),

@@ -33,6 +33,7 @@ from airlock.credentials.keys import load_signing_keys
 from airlock.credentials.tokens import TokenIssuer
 from airlock.db.engine import read
 from airlock.db.migrate import upgrade
+from airlock.demo.boinc_clients import BoincHost, boinc_available
 from airlock.operator_client import OperatorClient
 from airlock.storage.xrootd_server import XRootDServer
 
@@ -51,6 +52,7 @@ class DemoOptions:
     database_url: str | None = None
     timeout_s: float = 600.0
     bridge: str = "local"  # or "xrootd": a private XRootD server as quarantine and trusted storage
+    boinc: int = 0  # real BOINC clients beside (or, with agents=0, instead of) the agents
 
 
 def sandbox_available() -> bool:
@@ -122,7 +124,10 @@ class Demo:
             self.env["AIRLOCK_DATABASE_URL"] = opts.database_url
         self.server: GatewayProcess | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
+        self.boinc_hosts: list[BoincHost] = []
         self.storage: XRootDServer | None = None
+        if opts.boinc:
+            self.env["AIRLOCK_BOINC_NEXT_RPC_DELAY_S"] = "5"
 
     # ------------------------------------------------------------------------------------------ steps
     def prepare(self) -> Gateway:
@@ -139,6 +144,8 @@ class Demo:
         initialise(settings)
         if self.opts.bridge == "xrootd":
             settings = self.start_storage(settings)
+        if self.opts.boinc:
+            self.sign_wrapper(settings)
         gw = Gateway.open(settings)
         upgrade(gw.engine)
         return gw
@@ -161,7 +168,43 @@ class Demo:
             self.root / "gateway", self.env, self.root / "logs" / "gateway.log", port=self.port
         ).start()
 
+    def sign_wrapper(self, settings: Settings) -> None:
+        """The BOINC app, signed with a throw-away key kept outside the gateway's data folder."""
+        from airlock.boinc.apps import sign_app, wrapper_path
+        from airlock.boinc.signing import generate_key, private_pem
+        from airlock.credentials.keys import write_private
+
+        key = self.root / "offline-keys" / "code_sign_private.pem"
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(key, private_pem(generate_key()))
+        sign_app(key, settings.data_dir, settings.boinc_app, 100, [wrapper_path()])
+
+    def start_boinc(self, client: OperatorClient) -> list[tuple[str, str]]:
+        """N headless BOINC clients, each a volunteer attached with the key lookup_account gives it."""
+        url = f"{self.url}/boinc/"
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        }
+        pool = []
+        for i in range(1, self.opts.boinc + 1):
+            name = f"boinc-{i:02d}"
+            email = f"{name}@demo.example"
+            client.add_volunteer(name, PASSWORD, email)
+            host = BoincHost(self.root / "boinc" / name, ncpus=1, env=env).start()
+            self.boinc_hosts.append(host)
+            host.attach(url, host.lookup_account(url, email, PASSWORD))
+            pool.append((name, "honest (BOINC client)"))
+        return pool
+
+    def poke_boinc(self) -> None:
+        """`boinccmd --project URL update`: ask each client for a scheduler RPC now."""
+        for host in self.boinc_hosts:
+            host.update(f"{self.url}/boinc/")
+
     def start_agents(self, client: OperatorClient, sandboxed: bool) -> list[tuple[str, str]]:
+        if self.opts.agents <= 0:
+            return []
         honest = max(3, self.opts.agents - len(MISBEHAVIOURS))
         roles = ["honest"] * honest + MISBEHAVIOURS[: max(0, self.opts.agents - honest)]
         pool = []
@@ -213,8 +256,11 @@ class Demo:
         ) as progress:
             bar = progress.add_task("jobs done", total=total, states="")
             deadline = time.monotonic() + self.opts.timeout_s
-            next_check = time.monotonic()
+            next_check = next_poke = time.monotonic()
             while time.monotonic() < deadline:
+                if self.boinc_hosts and time.monotonic() > next_poke:
+                    next_poke = time.monotonic() + 5
+                    self.poke_boinc()
                 states = client.call("GET", f"/api/v1/batches/{batch_id}")["jobs_by_state"]
                 summary = "  ".join(f"{k} {v}" for k, v in sorted(states.items()))
                 progress.update(bar, completed=states.get("done", 0), states=summary)
@@ -228,6 +274,8 @@ class Demo:
         return states
 
     def stop(self) -> None:
+        for host in self.boinc_hosts:
+            host.stop()
         for p in self.agents:  # SIGTERM them all first, so they stop together
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -243,6 +291,12 @@ class Demo:
 
 def run_demo(opts: DemoOptions) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=140)
+    if opts.boinc and (why := boinc_available()):
+        console.print(f"[red]--boinc: {why}[/]")
+        return 2
+    if opts.agents <= 0 and opts.boinc <= 0:
+        console.print("[red]nobody to run the jobs: give --agents or --boinc[/]")
+        return 2
     demo = Demo(opts, console)
     started = time.monotonic()
     try:
@@ -269,7 +323,13 @@ def _run(demo: Demo, gw: Gateway, opts: DemoOptions, console: Console, started: 
             batch = client.submit(batch_description(opts.jobs, opts.events, lbmc["sha256"]))
             console.print(f"submitted batch {batch['batch_id']}: {opts.jobs} jobs × 2 copies, quorum 2")
             pool = demo.start_agents(client, sandboxed)
-            console.print("agents: " + ", ".join(f"{n}" for n, _ in pool))
+            if pool:
+                console.print("agents: " + ", ".join(f"{n}" for n, _ in pool))
+            if opts.boinc:
+                boinc = demo.start_boinc(client)
+                console.print(
+                    f"BOINC clients attached to {demo.url}/boinc/: " + ", ".join(n for n, _ in boinc)
+                )
             states = demo.wait(client, batch["batch_id"], opts.jobs)
     finally:
         demo.stop()

@@ -1,5 +1,5 @@
-"""A real, headless Debian `boinc` client in a private folder, driven with `boinccmd` (for the end-to-end
-tests and the demo's checks). Facts in shared/notes/boinc-protocol.md."""
+"""A real, headless Debian `boinc` client in a private folder, driven with `boinccmd`: what `airlock demo
+--boinc N` and the end-to-end tests run. Facts in shared/notes/boinc-protocol.md."""
 
 from __future__ import annotations
 
@@ -74,6 +74,13 @@ class BoincHost:
         if check and r.returncode != 0:
             raise RuntimeError(f"boinccmd {' '.join(args)}: {r.stdout}{r.stderr}")
         return r
+
+    def lookup_account(self, url: str, email: str, password: str) -> str:
+        """The account key, fetched from the project as a volunteer would (lookup_account.php)."""
+        out = self.cmd("--lookup_account", url, email, password).stdout
+        if "account key:" not in out:
+            raise RuntimeError(f"boinccmd --lookup_account: {out.strip()[:300]}")
+        return out.split("account key:")[-1].strip().split()[0]
 
     def attach(self, url: str, authenticator: str) -> None:
         self.cmd("--project_attach", url, authenticator)
