@@ -54,20 +54,25 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, poke: Callable
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[LiveGateway]:
+def start_gateway(tmp_path: Path, app: str = "airlock_wrapper", **settings: str) -> LiveGateway:
+    """A gateway with `app` signed (the shipped wrapper) by a key made offline with the real commands."""
     _require_boinc()
     keys = tmp_path / "offline-keys"
     airlock("boinc", "keygen", "--out", str(keys))
     data = tmp_path / "gw"
     airlock("boinc", "sign-app", "--data-dir", str(data), "--key", str(keys / "code_sign_private.pem"),
-            "--version", "100", "--wrapper")  # fmt: skip
-    gw = LiveGateway(
-        data,
-        retry_after_s="2",
-        boinc_next_rpc_delay_s="5",
-        boinc_abort_ack_delay_s="10",
-    ).start()
+            "--app", app, "--version", "100", "--wrapper")  # fmt: skip
+    return LiveGateway(data, retry_after_s="2", boinc_next_rpc_delay_s="5", **settings).start()
+
+
+def client_env() -> dict[str, str]:
+    """The clients find this venv's python3 (the payloads' numpy) and `airlock` (the pilots' agent)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[LiveGateway]:
+    gw = start_gateway(tmp_path, boinc_abort_ack_delay_s="10")
     yield gw
     gw.stop()
 
@@ -101,8 +106,7 @@ def running_task(host: BoincHost) -> str | None:
 
 def test_two_boinc_clients_take_a_batch_to_trusted_storage(gateway: LiveGateway, tmp_path: Path) -> None:
     url = gateway.url + "/boinc/"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    hosts = [BoincHost(tmp_path / f"client{i}", ncpus=1, env=env).start() for i in range(2)]
+    hosts = [BoincHost(tmp_path / f"client{i}", ncpus=1, env=client_env()).start() for i in range(2)]
     try:
         with gateway.op() as op:
             for i, host in enumerate(hosts):
@@ -169,3 +173,41 @@ def test_two_boinc_clients_take_a_batch_to_trusted_storage(gateway: LiveGateway,
     finally:
         for h in hosts:
             h.stop()
+
+
+def test_vacuum_pilots_run_the_agent_inside_boinc(tmp_path: Path) -> None:
+    """CMS@home's model inside BOINC: the client runs a pilot, the pilot runs the Airlock agent with the
+    token from the project-specific preferences, the agent pulls and finishes the tasks."""
+    gateway = start_gateway(tmp_path, "airlock_vacuum", boinc_vacuum="true")
+    url = gateway.url + "/boinc/"
+    host = BoincHost(tmp_path / "client", ncpus=1, env=client_env()).start()
+    try:
+        with gateway.op() as op:
+            email = volunteer(op, "pilot-volunteer")
+            vid = next(v["id"] for v in op.get("/api/v1/volunteers").json() if v["name"] == "pilot-volunteer")
+            jobs = op.post("/api/v1/batches", json={"name": "vacuum", "jobs": [
+                job(f"v{i}", 1) for i in range(3)]}).json()["jobs"]  # fmt: skip
+            host.attach(url, host.lookup_account(url, email, PASSWORD))
+
+            def all_done() -> bool:
+                return all(op.get(f"/api/v1/jobs/{j}").json()["state"] == "done" for j in jobs)
+
+            wait_for("the pilot's agent to finish every job", all_done, 180, lambda: host.update(url))
+            agent_hosts = {h["id"]: h for h in op.get("/api/v1/hosts").json()}
+            for j in jobs:
+                (task,) = [t for t in op.get(f"/api/v1/jobs/{j}").json()["tasks"] if t["state"] == "valid"]
+                assert task["volunteer_id"] == vid
+                assert agent_hosts[task["host_id"]]["name"].endswith("(BOINC pilot)")
+            wait_for(
+                "the pilot to end and its result to be acknowledged",
+                lambda: not host.tasks(),
+                120,
+                lambda: host.update(url),
+            )
+    except BaseException:
+        print(f"--- client messages ---\n{host.messages()[-4000:]}")
+        print(f"--- gateway log ---\n{gateway.log_path.read_text()[-3000:]}")
+        raise
+    finally:
+        host.stop()
+        gateway.stop()

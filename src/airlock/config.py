@@ -62,6 +62,13 @@ class Settings(BaseModel):
     boinc_app: str = Field(
         default="airlock_wrapper", description="BOINC: the signed app that runs every Airlock job"
     )
+    boinc_vacuum: bool = Field(
+        default=False,
+        description="BOINC: send pilots that run the Airlock agent with a per-volunteer token (the CMS@home "
+        "vacuum model) instead of one Airlock task per workunit",
+    )
+    boinc_vacuum_app: str = Field(default="airlock_vacuum", description="BOINC: the signed app of the pilots")
+    boinc_pilot_hours: float = Field(default=12, gt=0, description="BOINC: a pilot's report deadline")
     boinc_next_rpc_delay_s: float = Field(
         default=3600, gt=0, description="BOINC: a client asks again after this long even with nothing to do"
     )

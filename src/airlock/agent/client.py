@@ -109,10 +109,14 @@ class ServerClient:
         backoff: Backoff | None = None,
         sleep: Callable[[float, threading.Event | None], bool] | None = None,
         stop: threading.Event | None = None,
+        token_file: Path | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.user = user
         self._password = password
+        # A given access token (a BOINC pilot's, from the project-specific preferences) instead of a
+        # login: re-read from the file when refused, as the pilot's wrapper keeps it fresh.
+        self._token_file = token_file
         self._token: str | None = None
         self._token_lock = threading.Lock()
         self.backoff = backoff or Backoff()
@@ -230,6 +234,14 @@ class ServerClient:
             self._token = self._login(None)
 
     def _login(self, cancel: threading.Event | None) -> str:
+        if self._token_file is not None:
+            try:
+                fresh = self._token_file.read_text().strip()
+            except OSError as exc:
+                raise LoginFailed(401, "no_token", f"cannot read {self._token_file}: {exc}") from None
+            if not fresh or fresh == self._token:
+                raise LoginFailed(401, "token_expired", "the access token was refused and no fresh one came")
+            return fresh
         body = Login(username=self.user, password=self._password).model_dump()
         response = self._send("POST", "/api/v1/auth/token", json=body, auth="none", cancel=cancel)
         if response.status_code == 403:

@@ -63,6 +63,7 @@ class AgentOptions:
     install_signal_handlers: bool = True
     proxy_file: Path | None = None
     proxy_lifetime_s: int = 12 * 3600
+    token_file: Path | None = None  # log in with this access token instead of user and password
 
     def __repr__(self) -> str:  # keep the password out of logs and tracebacks
         return f"AgentOptions(server={self.server!r}, user={self.user!r}, slots={self.slots}, ...)"
@@ -71,7 +72,14 @@ class AgentOptions:
 def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the agent's options to a (sub)parser."""
     parser.add_argument("--server", required=True, help="the Airlock server's base URL")
-    parser.add_argument("--user", required=True, help="volunteer name")
+    parser.add_argument("--user", default=None, help="volunteer name (not with --token-file)")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="use the access token in this file instead of logging in (a BOINC vacuum pilot's); "
+        "re-read when the server refuses it",
+    )
     parser.add_argument(
         "--password",
         default=None,
@@ -116,10 +124,19 @@ def _password(ns: argparse.Namespace) -> str:
 
 
 def options_from_args(ns: argparse.Namespace) -> AgentOptions:
+    if ns.token_file is not None:
+        if ns.proxy_file is not None:
+            raise SystemExit("airlock agent: --proxy-file needs --user and a password, not --token-file")
+        user, password = ns.user or "(token)", ""
+    elif ns.user is None:
+        raise SystemExit("airlock agent: give --user (with a password) or --token-file")
+    else:
+        user, password = ns.user, _password(ns)
     return AgentOptions(
         server=ns.server,
-        user=ns.user,
-        password=_password(ns),
+        user=user,
+        password=password,
+        token_file=ns.token_file,
         slots=ns.slots,
         work_dir=ns.work_dir,
         no_sandbox=ns.no_sandbox,
@@ -174,7 +191,12 @@ class Agent:
         self.drain = threading.Event()  # soft stop: take no more work
         self.wake = threading.Event()  # a task finished
         self.client = client or ServerClient(
-            opts.server, opts.user, opts.password, timeout=opts.timeout_s, stop=self.kill
+            opts.server,
+            opts.user,
+            opts.password,
+            timeout=opts.timeout_s,
+            stop=self.kill,
+            token_file=opts.token_file,
         )
         self.behaviour = behaviour(opts.misbehave)
         self.running: dict[int, tuple[TaskRunner, threading.Thread]] = {}

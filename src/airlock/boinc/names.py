@@ -32,6 +32,20 @@ def result_name(job_id: int, task_id: int) -> str:
     return f"{PREFIX}_{job_id}_{task_id}"
 
 
+_PILOT = re.compile(rf"^{PREFIX}_pilot_(\d{{1,10}})_[0-9a-f]{{8}}$")
+
+
+def pilot_name(host_id: int) -> str:
+    """A vacuum-model pilot: a workunit and result of its own, not an Airlock task."""
+    return f"{PREFIX}_pilot_{host_id}_{secrets.token_hex(4)}"
+
+
+def parse_pilot_name(name: str) -> int | None:
+    """The host id a pilot was sent to, or None if `name` is no pilot."""
+    m = _PILOT.match(name)
+    return int(m[1]) if m else None
+
+
 def parse_result_name(name: str) -> tuple[int, int] | None:
     """(job id, task id) of one of our result names, or None."""
     m = _RESULT.match(name)

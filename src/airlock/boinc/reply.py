@@ -76,7 +76,9 @@ class SchedulerReply:
     acks: list[str] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
-    project_specific: str | None = None  # <project_specific> preferences, passed to jobs in init_data.xml
+    # <project_specific> preferences, one element per item: the client passes them to every job in
+    # init_data.xml, and rewrites them in running jobs when a later reply changes them
+    project_specific: dict[str, str] | None = None
 
 
 def _add(parent: ET.Element, tag: str, text: object | None = None) -> ET.Element:
@@ -109,7 +111,9 @@ def render_reply(reply: SchedulerReply) -> bytes:
         _add(root, "code_sign_key", reply.code_sign_key)
     if reply.project_specific is not None:
         prefs = _add(root, "project_preferences")
-        _add(prefs, "project_specific", reply.project_specific)
+        specific = _add(prefs, "project_specific")
+        for tag, value in reply.project_specific.items():
+            _add(specific, tag, value)
     for version, base_url in reply.app_versions:
         _app_version(root, version, base_url.rstrip("/"))
     for wu in reply.workunits:

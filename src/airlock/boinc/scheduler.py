@@ -17,13 +17,13 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, exists, select, update
 
 from airlock.boinc.apps import AppVersion
-from airlock.boinc.names import parse_result_name, result_name, workunit_name
+from airlock.boinc.names import parse_pilot_name, parse_result_name, pilot_name, result_name, workunit_name
 from airlock.boinc.project import BoincProject
 from airlock.boinc.protocol import ReportedResult, SchedulerRequest
 from airlock.boinc.reply import InputFile, Message, OutputFile, Result, SchedulerReply, Workunit
@@ -31,7 +31,7 @@ from airlock.boinc.signing import file_md5_hex
 from airlock.core.errors import AirlockError
 from airlock.core.schemas import HostRegistration, OutputReport, TaskReport, WorkRequest
 from airlock.core.states import TaskState, VolunteerState
-from airlock.credentials.tokens import TokenIssuer
+from airlock.credentials.tokens import COMPUTE_SCOPES, TokenIssuer, record_credential
 from airlock.db import schema
 from airlock.db.engine import utcnow
 from airlock.generator.inputs import input_key
@@ -109,8 +109,13 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
         now = utcnow()
         for reported in req.results:
             _report(conn, rpc, volunteer.id, host_id, reported, now, reply)
-        in_progress = _reconcile(conn, rpc, volunteer.id, host_id, req, now, reply)
-        if req.work_req_seconds > 0:
+        in_progress, pilots = _reconcile(conn, rpc, volunteer.id, host_id, req, now, reply)
+        if rpc.project.settings.boinc_vacuum:
+            if req.work_req_seconds > 0:
+                pilots += _send_pilots(conn, rpc, host_id, req, in_progress, now, reply)
+            if pilots:
+                reply.project_specific = _pilot_credentials(conn, rpc, volunteer.id, now)
+        elif req.work_req_seconds > 0:
             _send_work(conn, rpc, volunteer.id, host_id, req, in_progress, reply)
     return reply
 
@@ -142,6 +147,12 @@ def _report(
     now: datetime,
     reply: SchedulerReply,
 ) -> None:
+    pilot_host = parse_pilot_name(r.name)
+    if pilot_host is not None:  # a pilot's own result: its tasks were reported by the agent itself
+        if pilot_host != host_id:
+            reply.messages.append(Message(f"{r.name} was not sent to this host; the report was ignored."))
+        reply.acks.append(r.name)
+        return
     ids = parse_result_name(r.name)
     task = conn.execute(_TASK, {"id": ids[1]}).one_or_none() if ids else None
     if ids is None or task is None or task.job_id != ids[0]:
@@ -193,13 +204,20 @@ def _reconcile(
     req: SchedulerRequest,
     now: datetime,
     reply: SchedulerReply,
-) -> int:
-    """Abort what the client must not run, resend what it lost; return how many tasks it is running."""
+) -> tuple[int, int]:
+    """Abort what the client must not run, resend what it lost; return how many tasks it is running,
+    and how many of them are pilots."""
     held = set(req.other_results)
     reported = {r.name for r in req.results}
-    running = 0
+    running = pilots = 0
     to_abort: list[int] = []
     for name in sorted(held):
+        if (pilot_host := parse_pilot_name(name)) is not None:
+            if pilot_host == host_id:
+                running, pilots = running + 1, pilots + 1
+            else:
+                reply.aborts.append(name)
+            continue
         ids = parse_result_name(name)
         task = conn.execute(_TASK, {"id": ids[1]}).one_or_none() if ids else None
         if task is None or ids is None or task.job_id != ids[0] or task.host_id != host_id:
@@ -226,7 +244,7 @@ def _reconcile(
         _add_work(conn, rpc, reply, version, leased.job_id, leased.id, leased.spec, leased.deadline)
         reply.messages.append(Message(f"resent lost task {name}"))
         running += 1
-    return running
+    return running, pilots
 
 
 def _app_version(rpc: Rpc, req: SchedulerRequest) -> AppVersion | None:
@@ -352,3 +370,57 @@ def _input_md5(conn: Connection, inputs: Storage, row: Any) -> str:
     md5 = file_md5_hex(path)
     conn.execute(update(_F).where(_F.c.id == row.id).values(md5=md5))
     return md5
+
+
+_READY_WORK = select(exists().where(_T.c.state == TaskState.READY.value))
+
+
+def _send_pilots(
+    conn: Connection,
+    rpc: Rpc,
+    host_id: int,
+    req: SchedulerRequest,
+    in_progress: int,
+    now: datetime,
+    reply: SchedulerReply,
+) -> int:
+    """Vacuum model: one pilot per idle core while tasks wait; the agent it starts pulls them itself."""
+    settings = rpc.project.settings
+    platforms = [p for p in (req.platform_name, *req.alternate_platforms) if p]
+    version = rpc.project.version_for(settings.boinc_vacuum_app, platforms)
+    if version is None:
+        reply.messages.append(
+            Message(f"No signed version of {settings.boinc_vacuum_app} for {req.platform_name} yet.")
+        )
+        return 0
+    slots = min(MAX_SLOTS, req.host.p_ncpus - in_progress)
+    if slots <= 0:
+        return 0
+    if not conn.execute(_READY_WORK).scalar():
+        reply.request_delay = float(settings.retry_after_s)
+        reply.messages.append(Message("no work for this host right now"))
+        return 0
+    reply.app_versions.append((version, rpc.project.app_base_url(version)))
+    deadline = int((now + timedelta(hours=settings.boinc_pilot_hours)).timestamp())
+    seconds = settings.boinc_pilot_hours * 3600
+    command_line = f"--vacuum --hours {settings.boinc_pilot_hours:g}"
+    for _ in range(slots):
+        name = pilot_name(host_id)
+        reply.workunits.append(
+            Workunit(name=name, app=version.app, inputs=(), command_line=command_line,
+                     rsc_fpops_est=seconds * 1e9 / 4, rsc_fpops_bound=seconds * 1e9 * 40)
+        )  # fmt: skip
+        reply.results.append(Result(name=name, workunit=name, report_deadline=deadline, outputs=()))
+    return slots
+
+
+def _pilot_credentials(conn: Connection, rpc: Rpc, volunteer_id: int, now: datetime) -> dict[str, str]:
+    """What a pilot's agent logs in with: the gateway's URL and a fresh access token of this volunteer
+    (compute scopes only, short-lived, recorded and revoked like any other). It reaches the client in
+    the project-specific preferences, which the client also rewrites in running pilots."""
+    settings = rpc.project.settings
+    issued = rpc.issuer.issue(
+        volunteer_id, list(COMPUTE_SCOPES), now, timedelta(seconds=settings.access_token_ttl_s)
+    )
+    record_credential(conn, issued, "access", volunteer_id)
+    return {"airlock_gateway": settings.public_url, "airlock_token": issued.token}

@@ -275,7 +275,9 @@ def run_task(job: Job) -> int:
     return min(code, 255)
 
 
-def supervise(proc: subprocess.Popen[bytes], slot: Path, time_limit: float) -> int:
+def supervise(
+    proc: subprocess.Popen[bytes], slot: Path, time_limit: float, tick: Callable[[], None] | None = None
+) -> int:
     """Wait for the payload while obeying the client: abort, quit, suspend and resume; the time limit
     counts running time only. Raises Stop when the task ends otherwise than by the payload exiting."""
     channel = ClientChannel.open(slot)
@@ -311,23 +313,47 @@ def supervise(proc: subprocess.Popen[bytes], slot: Path, time_limit: float) -> i
             signal_tree(proc.pid, signal.SIGCONT)
             suspended = False
             log("resumed")
+        if tick is not None and now - last_status >= 1.0:
+            tick()
         if channel and now - last_status >= 1.0:
             cpu = sum(process_tree(proc.pid).values())
             channel.report(cpu, min(0.99, ran / max(1.0, time_limit / 4)))
             last_status = now
 
 
-def vacuum(slot: Path) -> int:
-    """Run the Airlock agent with the token the project put in the project-specific preferences."""
+def pilot_settings(slot: Path) -> dict[str, str]:
+    """The project's pilot settings from init_data.xml: gateway URL, access token, project folder."""
+    root = ET.parse(slot / "init_data.xml").getroot()
+    # the client passes the content of <project_specific> as <project_preferences> (older clients: whole)
+    prefs = root.find("project_preferences/project_specific")
+    if prefs is None:
+        prefs = root.find("project_preferences")
+    found = {
+        "gateway": (prefs.findtext("airlock_gateway") if prefs is not None else None) or "",
+        "token": (prefs.findtext("airlock_token") if prefs is not None else None) or "",
+        "project_dir": root.findtext("project_dir") or str(slot),
+        "host": root.findtext("host_info/domain_name") or "",
+    }
+    return {k: v.strip() for k, v in found.items()}
+
+
+def write_token(path: Path, token: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    tmp.replace(path)
+
+
+def vacuum(slot: Path, hours: float) -> int:
+    """Run the Airlock agent with the token the project put in the project-specific preferences; the
+    client rewrites init_data.xml when a later RPC brings a fresh token, and the agent gets it."""
     try:
-        root = ET.parse(slot / "init_data.xml").getroot()
+        pilot = pilot_settings(slot)
     except (OSError, ET.ParseError) as exc:
         log(f"no readable init_data.xml: {exc}")
         return EXIT_INIT_FAILURE
-    prefs = root.find("project_preferences/project_specific")
-    gateway = prefs.findtext("airlock_gateway") if prefs is not None else None
-    token = prefs.findtext("airlock_token") if prefs is not None else None
-    if not gateway or not token:
+    if not pilot["gateway"] or not pilot["token"]:
         log("the project-specific preferences carry no airlock_gateway/airlock_token")
         return EXIT_INIT_FAILURE
     agent = shutil.which("airlock")
@@ -335,23 +361,44 @@ def vacuum(slot: Path) -> int:
         log("the Airlock agent (`airlock`) is not installed on this host")
         return EXIT_CHILD_FAILED
     token_file = slot / "airlock_token"
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token.strip() + "\n")
-    argv = [agent, "agent", "--server", gateway, "--token-file", str(token_file), "--once"]
-    argv += ["--work-dir", str(slot / "agent")]
-    log(f"vacuum mode: running the Airlock agent against {gateway}")
+    write_token(token_file, pilot["token"])
+    argv = [agent, "agent", "--server", pilot["gateway"], "--token-file", str(token_file), "--once"]
+    argv += ["--work-dir", str(Path(pilot["project_dir"]) / "airlock-agent")]
+    argv += ["--host-name", f"{pilot['host'] or 'boinc host'} (BOINC pilot)"]
+    log(f"vacuum mode: running the Airlock agent against {pilot['gateway']}")
+    proc = subprocess.Popen(argv, cwd=slot, stdin=subprocess.DEVNULL, preexec_fn=_limits(0))
+
+    def refresh() -> None:
+        try:
+            token = pilot_settings(slot)["token"]
+        except (OSError, ET.ParseError):
+            return
+        if token and token != pilot["token"]:
+            pilot["token"] = token
+            write_token(token_file, token)
+            log("a fresh access token came with the project's preferences")
+
     try:
-        code = subprocess.call(argv, cwd=slot, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        code = supervise(proc, slot, hours * 3600, refresh)
     finally:
+        if proc.poll() is None:
+            signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
         token_file.unlink(missing_ok=True)
+    log(f"the agent ended with exit code {code}")
     return 128 - code if code < 0 else min(code, 255)
 
 
 def main(argv: list[str]) -> None:
     log(f"Airlock wrapper, python {sys.version.split()[0]}, slot {Path.cwd()}")
     if "--vacuum" in argv:
-        finish(vacuum(Path.cwd().resolve()))
+        hours = float(argv[argv.index("--hours") + 1]) if "--hours" in argv[:-1] else 12.0
+        try:
+            finish(vacuum(Path.cwd().resolve(), hours))
+        except Stop as stop:
+            if stop.finished:
+                finish(stop.status)
+            sys.exit(stop.status)
     try:
         job = decode_job(argv)
     except (ValueError, json.JSONDecodeError, UnicodeError) as exc:
