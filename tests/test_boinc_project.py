@@ -465,3 +465,30 @@ def test_one_task_per_core_and_per_host_quota(project: Api) -> None:
     reply = other.rpc(results=failed)
     assert acks(reply) == taken and results_of(reply) == []
     assert "daily quota" in messages(reply)
+
+
+def test_stale_partial_uploads_are_swept_once_their_task_is_over(project: Api) -> None:
+    import os
+
+    from airlock.boinc.upload import sweep_staging
+
+    api = project
+    batch = api.submit(job_spec("j1"), job_spec("j2"))
+    client = Client(api, ncpus=2)
+    reply = client.rpc()
+    names = output_names(reply)
+    assert len(names) == 2
+    for name in names:  # two interrupted uploads
+        assert client.upload_raw(_header(name, b"0123456789", 0), b"01234").findtext("status") == "1"
+    staging = api.gw.settings.data_dir / "boinc" / "uploads"
+    parts = sorted(staging.glob("*.part"))
+    assert len(parts) == 2
+    assert sweep_staging(api.gw.engine, staging, 3600) == 0  # recent: kept
+    for p in parts:
+        os.utime(p, (1, 1))
+    assert sweep_staging(api.gw.engine, staging, 3600) == 0  # old, but both tasks still leased
+    first_job = batch["jobs"][0]
+    api.op("POST", f"/api/v1/jobs/{first_job}/cancel")
+    assert sweep_staging(api.gw.engine, staging, 3600) == 1
+    (left,) = staging.glob("*.part")
+    assert f"airlock_{first_job}_" not in left.name

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from airlock.assimilator.assimilate import assimilate_pending
-from airlock.assimilator.janitor import sweep_quarantine
+from airlock.assimilator.janitor import PARTIAL_MAX_AGE_S, sweep_quarantine
+from airlock.boinc.apps import boinc_dir
+from airlock.boinc.upload import sweep_staging
 from airlock.context import Gateway
 from airlock.scheduler.leases import expire_leases
 from airlock.validator.validate import validate_pending
@@ -53,6 +55,11 @@ class BackgroundLoops:
             Loop(
                 "janitor",
                 lambda: sweep_quarantine(gw.engine, gw.quarantine, s, trusted=gw.trusted),
+                max(60.0, s.loop_interval_s),
+            ),
+            Loop(
+                "boinc-staging",
+                lambda: sweep_staging(gw.engine, boinc_dir(s.data_dir) / "uploads", PARTIAL_MAX_AGE_S),
                 max(60.0, s.loop_interval_s),
             ),
         ]

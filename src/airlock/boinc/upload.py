@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -218,6 +219,40 @@ class UploadHandler:
             partial.unlink(missing_ok=True)
 
         await run_in_threadpool(_commit)
+
+
+def sweep_staging(engine: Engine, staging: Path, older_than_s: float) -> int:
+    """Remove partial uploads untouched for `older_than_s` whose task is not leased any more (lost,
+    reported, aborted): no resume can need them. One being written to (locked) is left alone."""
+    if not staging.is_dir():
+        return 0
+    removed = 0
+    now = time.time()
+    for partial in staging.glob("*.part"):
+        try:
+            if now - partial.stat().st_mtime < older_than_s:
+                continue
+        except FileNotFoundError:
+            continue
+        ids = NameSigner.output_ids(partial.name.removesuffix(".part"))
+        if ids is not None:
+            with read(engine) as conn:
+                state = conn.execute(
+                    select(schema.tasks.c.state).where(schema.tasks.c.id == ids.task_id)
+                ).scalar_one_or_none()
+            if state == TaskState.LEASED.value:
+                continue
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            partial.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
