@@ -380,6 +380,14 @@ NOT_OPERATOR = {
     ("POST", "/api/v1/auth/refresh"),
     ("GET", "/api/v1/ca/certificate"),
     ("GET", "/api/v1/ca/crl"),
+    # the BOINC project (its own credentials: the account key, signed names and addresses)
+    ("GET", "/boinc/"),
+    ("POST", "/boinc/cgi"),
+    ("GET", "/boinc/download/{mac}/{sha256}"),
+    ("GET", "/boinc/apps/{app}/{version}/{platform}/{name}"),
+    ("POST", "/boinc/file_upload_handler"),
+    ("GET", "/boinc/lookup_account.php"),
+    ("GET", "/boinc/get_project_config.php"),
 }
 
 

@@ -38,6 +38,7 @@ from airlock.core.states import (
 )
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.fast import Fast
 
 _MACHINES: dict[str, tuple[Table, dict[Any, frozenset[Any]]]] = {
     "job": (schema.jobs, JOB_TRANSITIONS),
@@ -46,14 +47,23 @@ _MACHINES: dict[str, tuple[Table, dict[Any, frozenset[Any]]]] = {
     "file": (schema.files, FILE_TRANSITIONS),
 }
 _ENTITY = {JobState: "job", TaskState: "task", VolunteerState: "volunteer", FileState: "file"}
-_INSERT_EVENT = insert(schema.events)
+_INSERT_EVENT = Fast(
+    insert(schema.events).values(
+        at=bindparam("at"),
+        actor=bindparam("actor"),
+        action=bindparam("action"),
+        object_type=bindparam("object_type"),
+        object_id=bindparam("object_id"),
+        detail=bindparam("detail", type_=schema.events.c.detail.type),
+    )
+)
 
 
 def record_event(
     conn: Connection, actor: str, action: str, object_type: str, object_id: int, detail: Any = None
 ) -> None:
-    conn.execute(
-        _INSERT_EVENT,
+    _INSERT_EVENT.run(
+        conn,
         {
             "at": utcnow(),
             "actor": actor,
@@ -79,13 +89,14 @@ def in_states(column: Column[Any], states: Iterable[str]) -> ColumnElement[bool]
 
 
 @lru_cache(maxsize=512)
-def _statement(entity: str, target: str, legal: tuple[str, ...], columns: tuple[str, ...]) -> Update:
+def _statement(entity: str, target: str, legal: tuple[str, ...], columns: tuple[str, ...]) -> Fast:
     table = _MACHINES[entity][0]
-    return (
+    stmt: Update = (
         update(table)
         .where(table.c.id == bindparam("_id"), in_states(table.c.state, legal))
-        .values(state=target, **{c: bindparam(f"_v_{c}") for c in columns})
+        .values(state=target, **{c: bindparam(f"_v_{c}", type_=table.c[c].type) for c in columns})
     )
+    return Fast(stmt)
 
 
 def transition(
@@ -113,7 +124,7 @@ def transition(
     values = values or {}
     stmt = _statement(entity, target.value, tuple(sorted(s.value for s in legal)), tuple(sorted(values)))
     params = {"_id": object_id, **{f"_v_{k}": v for k, v in values.items()}}
-    if conn.execute(stmt, params).rowcount != 1:
+    if stmt.run(conn, params) != 1:
         return False
     record_event(conn, actor, action or f"{entity}.{target.value}", entity, object_id, detail)
     return True
