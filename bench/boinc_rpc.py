@@ -36,7 +36,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from time import perf_counter  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlencode  # noqa: E402
@@ -65,27 +65,20 @@ class Client:
     hostid: int = 0
     seqno: int = 0
     holding: str | None = None  # the result it will report on its next RPC
+    templates: dict[tuple[int, bool], bytes] = field(default_factory=dict)
 
     def request(self) -> bytes:
+        """The next request, as the stock client writes it. Rendered once per shape with placeholders
+        (the load generator shares the server's two cores, so it must cost little, as the C++ client
+        does) and completed with this RPC's sequence number and reported result."""
         self.seqno += 1
-        reported: tuple[ReportedResult, ...] = ()
+        key = (self.hostid, self.holding is not None)
+        template = self.templates.get(key)
+        if template is None:
+            template = self.templates[key] = self._render(reporting=self.holding is not None)
+        body = template.replace(b"@SEQNO@", str(self.seqno).encode())
         if self.holding:
-            md5 = hashlib.md5(OUTPUT).hexdigest()
-            reported = (
-                ReportedResult(
-                    name=self.holding, state=5, exit_status=0, final_cpu_time=61.2, final_elapsed_time=63.0,
-                    stderr_out=STDERR, files=(ReportedFile(f"{self.holding}_0", float(len(OUTPUT)), md5),),
-                ),
-            )  # fmt: skip
-        body = render_request(
-            SchedulerRequest(
-                authenticator=self.authenticator, hostid=self.hostid, rpc_seqno=self.seqno,
-                platform_name="x86_64-pc-linux-gnu", client_version=(7, 20, 5), work_req_seconds=3600.0,
-                host=HostInfo(host_cpid=secrets.token_hex(16), p_ncpus=1, p_model="Bench CPU @ 2.2GHz",
-                              m_nbytes=8e9, d_free=5e10, os_name="Linux Debian", os_version="12"),
-                results=reported, has_code_sign_key=self.hostid > 0,
-            )
-        )  # fmt: skip
+            body = body.replace(b"@RESULT@", self.holding.encode())
         head = (
             f"POST /boinc/cgi HTTP/1.1\r\nHost: {self.conn.authority}\r\n"
             "Content-Type: application/x-www-form-urlencoded\r\n"
@@ -93,9 +86,37 @@ class Client:
         )
         return head.encode() + body
 
+    def _render(self, reporting: bool) -> bytes:
+        md5 = hashlib.md5(OUTPUT).hexdigest()
+        reported = (
+            (
+                ReportedResult(
+                    name="@RESULT@", state=5, exit_status=0, final_cpu_time=61.2, final_elapsed_time=63.0,
+                    stderr_out=STDERR, files=(ReportedFile("@RESULT@_0", float(len(OUTPUT)), md5),),
+                ),
+            )
+            if reporting
+            else ()
+        )  # fmt: skip
+        body = render_request(
+            SchedulerRequest(
+                authenticator=self.authenticator, hostid=self.hostid, rpc_seqno=424242,
+                platform_name="x86_64-pc-linux-gnu", client_version=(7, 20, 5), work_req_seconds=3600.0,
+                host=HostInfo(host_cpid=secrets.token_hex(16), domain_name=f"bench-{self.authenticator[:6]}",
+                              p_ncpus=1, p_model="Bench CPU @ 2.2GHz", m_nbytes=8e9, d_free=5e10,
+                              os_name="Linux Debian", os_version="12"),
+                results=reported, has_code_sign_key=self.hostid > 0,
+            )
+        )  # fmt: skip
+        return body.replace(b"<rpc_seqno>424242</rpc_seqno>", b"<rpc_seqno>@SEQNO@</rpc_seqno>")
+
     def take(self, body: bytes) -> bool:
         """Note the new task; True if the reply acknowledged the report and carried a task."""
-        acked = self.holding is None or f"<result_ack>\n    <name>{self.holding}</name>".encode() in body
+        acked = (
+            self.holding is None
+            or re.search(rb"<result_ack>\s*<name>" + re.escape(self.holding.encode()) + rb"</name>", body)
+            is not None
+        )
         m = _RESULT.search(body)
         self.holding = m[1].decode() if m else None
         return acked and m is not None

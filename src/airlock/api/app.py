@@ -101,9 +101,12 @@ def create_app(gw: Gateway, *, background: bool | None = None) -> FastAPI:
     async def jwks() -> dict[str, Any]:
         return gw.issuer.jwks()
 
+    # Routes are matched in order: the busiest (BOINC scheduler RPCs, volunteers' calls) first.
+    # The scheduler RPC is a plain Starlette route: no dependency injection to resolve per request.
+    app.add_route("/boinc/cgi", boinc.scheduler, methods=["POST"])
+    app.include_router(boinc.router)
     app.include_router(volunteer.router)
     app.include_router(operator.router)
     app.include_router(bridge.router)
     app.include_router(credentials.router)
-    app.include_router(boinc.router)
     return app

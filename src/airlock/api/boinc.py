@@ -21,7 +21,7 @@ from airlock.boinc.reply import Message, SchedulerReply, render_reply
 from airlock.boinc.scheduler import Rpc, handle_request
 from airlock.boinc.upload import UploadHandler
 from airlock.context import Gateway
-from airlock.core.errors import NotFound, TooLarge, Unauthorized
+from airlock.core.errors import NotFound, Unauthorized
 from airlock.credentials.accounts import lookup_boinc_account
 from airlock.generator.inputs import input_key
 
@@ -45,36 +45,47 @@ async def master(gw: GatewayDep) -> HTMLResponse:
     return HTMLResponse(pages.master_page(project(gw)))
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise TooLarge(f"request body over {limit} bytes")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(f"request body over {limit} bytes")
-    return bytes(buf)
-
-
-@router.post("/cgi")
-async def scheduler(gw: GatewayDep, request: Request) -> Response:
-    """A scheduler RPC: report results, get work. A request we cannot serve still gets a scheduler
-    reply, with a message the client shows the volunteer and a delay before it asks again."""
+def rpc_reply(gw: Gateway, body: bytes | None) -> bytes:
+    """The scheduler reply to one request body (None: the body was over the size limit). A request we
+    cannot serve still gets a scheduler reply, with a message the client shows the volunteer and a
+    delay before it asks again."""
     p = project(gw)
     try:
-        body = await _body(request, MAX_REQUEST_BYTES)
+        if body is None:
+            raise BoincProtocolError(f"the scheduler request is over {MAX_REQUEST_BYTES} bytes")
         req = parse_scheduler_request(body)
-    except (BoincProtocolError, TooLarge) as exc:
+    except BoincProtocolError as exc:
         reply = SchedulerReply(
             gw.settings.boinc_project_name,
             p.master_url,
             request_delay=BAD_REQUEST_DELAY_S,
             messages=[Message(f"Scheduler request refused: {exc}", "high")],
         )
-        return Response(render_reply(reply), media_type=XML)
-    reply = handle_request(gw.engine, Rpc(p, gw.issuer, gw.inputs), req)
-    return Response(render_reply(reply), media_type=XML)
+        return render_reply(reply)
+    return render_reply(handle_request(gw.engine, Rpc(p, gw.issuer, gw.inputs), req))
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The whole body, or None once it is over `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return None
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
+
+
+async def scheduler(request: Request) -> Response:
+    """A scheduler RPC: report results, get work (see `rpc_reply`).
+
+    A plain Starlette route (added in `api.app`), and `airlock serve` answers it before FastAPI even
+    sees the request (`api.hot`): at a thousand RPCs a second the framework's layers cost more than
+    the RPC's own database work."""
+    gw: Gateway = request.app.state.gateway
+    return Response(rpc_reply(gw, await _body(request, MAX_REQUEST_BYTES)), media_type=XML)
 
 
 @router.get("/download/{mac}/{sha256}", response_class=FileResponse)

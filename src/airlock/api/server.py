@@ -6,9 +6,9 @@ import logging
 import os
 
 import uvicorn
-from fastapi import FastAPI
 
 from airlock.api.app import create_app
+from airlock.api.hot import HotRoutes
 from airlock.api.tls import https_options
 from airlock.config import Settings, load_settings
 from airlock.context import Gateway
@@ -18,10 +18,15 @@ from airlock.service import BackgroundLoops
 WORKER_ENV = "AIRLOCK_SERVER_WORKER"
 
 
-def create_from_env() -> FastAPI:
+def serving_app(gw: Gateway, *, background: bool | None = None) -> HotRoutes:
+    """The application uvicorn serves: the FastAPI app behind the hot-route front."""
+    return HotRoutes(create_app(gw, background=background), gw)
+
+
+def create_from_env() -> HotRoutes:
     """App factory for uvicorn's worker processes (settings come from the environment)."""
     settings = load_settings()
-    return create_app(Gateway.open(settings), background=False)
+    return serving_app(Gateway.open(settings), background=False)
 
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
@@ -37,7 +42,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         **https_options(settings),
     }
     if settings.workers == 1:
-        uvicorn.run(create_app(gw), **common)  # type: ignore[arg-type]
+        uvicorn.run(serving_app(gw), **common)  # type: ignore[arg-type]
         return
     # Several HTTP processes; the background loops run once, in this supervising process.
     for name, value in settings.model_dump(exclude_none=True).items():

@@ -2,7 +2,8 @@
 
 One RPC is one transaction: find the volunteer by its authenticator (unknown or blocked: a message and
 nothing else), find or register the host, take the reported results through the same `report_task` as
-the native API (each in a savepoint, so a bad one changes nothing and the rest still count), tell the
+the native API (which checks everything before it writes, so a bad one changes nothing and the rest still
+count), tell the
 client to abort what it must not run any more, resend what it lost, and lease new tasks through
 `request_work` with the report deadline as the lease.
 
@@ -34,8 +35,9 @@ from airlock.core.states import TaskState, VolunteerState
 from airlock.credentials.tokens import COMPUTE_SCOPES, TokenIssuer, record_credential
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.fast import Fast
 from airlock.generator.inputs import input_key
-from airlock.scheduler.dispatch import register_host, request_work
+from airlock.scheduler.dispatch import host_row, register_host, request_work
 from airlock.scheduler.report import report_task
 from airlock.storage.base import Storage
 
@@ -46,21 +48,34 @@ UNKNOWN_ACCOUNT_DELAY_S = 3600.0
 MAX_SLOTS = 64
 
 _V, _T, _J, _F, _H = schema.volunteers, schema.tasks, schema.jobs, schema.files, schema.hosts
-_VOLUNTEER = select(_V.c.id, _V.c.name, _V.c.state).where(_V.c.authenticator == bindparam("auth"))
-_HOST = select(_H.c.id, _H.c.volunteer_id).where(_H.c.id == bindparam("host"))
-_TASK = select(
-    _T.c.id, _T.c.job_id, _T.c.state, _T.c.volunteer_id, _T.c.host_id, _T.c.deadline, _T.c.abort_sent_at
-).where(_T.c.id == bindparam("id"))
-_LEASED_HERE = (
-    select(_T.c.id, _T.c.job_id, _T.c.deadline, _J.c.spec, _J.c.app)
-    .join(_J, _J.c.id == _T.c.job_id)
-    .where(_T.c.host_id == bindparam("host"), _T.c.state == TaskState.LEASED.value)
+_VOLUNTEER = Fast(select(_V.c.id, _V.c.name, _V.c.state).where(_V.c.authenticator == bindparam("auth")))
+_TASK = Fast(
+    select(
+        _T.c.id,
+        _T.c.job_id,
+        _T.c.state,
+        _T.c.volunteer_id,
+        _T.c.host_id,
+        _T.c.lease_expires_at,
+        _T.c.deadline,
+        _T.c.abort_sent_at,
+    ).where(_T.c.id == bindparam("id"))
 )
-_OUTPUTS = select(_F.c.name, _F.c.size, _F.c.adler32, _F.c.sha256).where(
-    _F.c.task_id == bindparam("task"), _F.c.kind == "output"
+_LEASED_HERE = Fast(
+    select(_T.c.id, _T.c.job_id, _T.c.deadline).where(
+        _T.c.host_id == bindparam("host"), _T.c.state == TaskState.LEASED.value
+    )
 )
-_INPUTS = select(_F.c.id, _F.c.sha256, _F.c.size, _F.c.md5).where(
-    _F.c.kind == "input", _F.c.sha256.in_(bindparam("digests", expanding=True))
+_SPEC = Fast(select(_J.c.spec).where(_J.c.id == bindparam("id")))
+_OUTPUTS = Fast(
+    select(_F.c.name, _F.c.size, _F.c.adler32, _F.c.sha256).where(
+        _F.c.task_id == bindparam("task"), _F.c.kind == "output"
+    )
+)
+_INPUT = Fast(
+    select(_F.c.id, _F.c.sha256, _F.c.size, _F.c.md5).where(
+        _F.c.kind == "input", _F.c.sha256 == bindparam("sha256")
+    )
 )
 
 
@@ -83,7 +98,7 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
     if not req.has_code_sign_key and rpc.project.code_sign_key:
         reply.code_sign_key = rpc.project.code_sign_key
     with engine.begin() as conn:
-        volunteer = conn.execute(_VOLUNTEER, {"auth": req.authenticator}).one_or_none()
+        volunteer = _VOLUNTEER.one_or_none(conn, {"auth": req.authenticator})
         if volunteer is None:
             reply.messages.append(
                 Message(
@@ -104,8 +119,8 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
             reply.aborts.extend(req.other_results)
             reply.request_delay = UNKNOWN_ACCOUNT_DELAY_S
             return reply
-        host_id = _host(conn, rpc, volunteer.id, req)
-        reply.hostid = host_id
+        host = _host(conn, rpc, volunteer.id, req)
+        host_id = reply.hostid = host.id
         now = utcnow()
         for reported in req.results:
             _report(conn, rpc, volunteer.id, host_id, reported, now, reply)
@@ -116,17 +131,17 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
             if pilots:
                 reply.project_specific = _pilot_credentials(conn, rpc, volunteer.id, now)
         elif req.work_req_seconds > 0:
-            _send_work(conn, rpc, volunteer.id, host_id, req, in_progress, reply)
+            _send_work(conn, rpc, volunteer.id, host, req, in_progress, reply)
     return reply
 
 
-def _host(conn: Connection, rpc: Rpc, volunteer_id: int, req: SchedulerRequest) -> int:
-    """The client's host record, or a new one (first contact, or a host id that is not this volunteer's:
-    BOINC makes a new host then too)."""
+def _host(conn: Connection, rpc: Rpc, volunteer_id: int, req: SchedulerRequest) -> Any:
+    """The client's host row (as `own_host` returns it), or a new host's (first contact, or a host id
+    that is not this volunteer's: BOINC makes a new host then too)."""
     if req.hostid:
-        host = conn.execute(_HOST, {"host": req.hostid}).one_or_none()
+        host = host_row(conn, req.hostid)
         if host is not None and host.volunteer_id == volunteer_id:
-            return int(host.id)
+            return host
     h = req.host
     registration = HostRegistration(
         name=(h.domain_name or h.p_model or h.host_cpid or "boinc host")[:128],
@@ -135,7 +150,8 @@ def _host(conn: Connection, rpc: Rpc, volunteer_id: int, req: SchedulerRequest) 
         memory_mb=min(max(1, int(h.m_nbytes / 2**20)), 2**31 - 1),
         disk_mb=min(max(1, int(h.d_free / 2**20)), 2**31 - 1),
     )
-    return register_host(conn, rpc.project.settings, volunteer_id, registration).host_id
+    host_id = register_host(conn, rpc.project.settings, volunteer_id, registration).host_id
+    return host_row(conn, host_id)
 
 
 def _report(
@@ -154,7 +170,7 @@ def _report(
         reply.acks.append(r.name)
         return
     ids = parse_result_name(r.name)
-    task = conn.execute(_TASK, {"id": ids[1]}).one_or_none() if ids else None
+    task = _TASK.one_or_none(conn, {"id": ids[1]}) if ids else None
     if ids is None or task is None or task.job_id != ids[0]:
         reply.messages.append(Message(f"{r.name} is not a result of this project; it was ignored."))
         reply.acks.append(r.name)
@@ -172,7 +188,7 @@ def _report(
             reply.messages.append(Message(f"{r.name} came back after it was reissued or cancelled."))
         reply.acks.append(r.name)  # already reported, or no longer wanted: nothing to record
         return
-    outputs = [OutputReport(**row._mapping) for row in conn.execute(_OUTPUTS, {"task": task.id})]
+    outputs = [OutputReport(**row._asdict()) for row in _OUTPUTS.rows(conn, {"task": task.id})]
     exit_code = r.exit_status if r.exit_status != 0 or r.state == UPLOADED else -1
     report = TaskReport(
         host_id=host_id,
@@ -182,9 +198,8 @@ def _report(
         stderr_tail=_stderr(r),
         outputs=outputs,
     )
-    try:
-        with conn.begin_nested():
-            report_task(conn, volunteer_id, task.id, report)
+    try:  # no savepoint needed: report_task refuses before it writes anything
+        report_task(conn, volunteer_id, task.id, report, task=task)
     except AirlockError as exc:
         reply.messages.append(Message(f"{r.name}: {exc.message}"))
     reply.acks.append(r.name)
@@ -219,7 +234,7 @@ def _reconcile(
                 reply.aborts.append(name)
             continue
         ids = parse_result_name(name)
-        task = conn.execute(_TASK, {"id": ids[1]}).one_or_none() if ids else None
+        task = _TASK.one_or_none(conn, {"id": ids[1]}) if ids else None
         if task is None or ids is None or task.job_id != ids[0] or task.host_id != host_id:
             reply.aborts.append(name)  # not ours, or not this host's: it must not run here
             continue
@@ -234,14 +249,15 @@ def _reconcile(
         conn.execute(update(_T).where(_T.c.id.in_(to_abort)).values(abort_sent_at=now))
     # Lost results: leased to this host, but the client neither holds nor reports them (the reply that
     # carried them was lost, or the client was reset). BOINC resends them while the deadline allows.
-    for leased in conn.execute(_LEASED_HERE, {"host": host_id}).all():
+    for leased in _LEASED_HERE.rows(conn, {"host": host_id}):
         name = result_name(leased.job_id, leased.id)
         if name in held or name in reported or leased.deadline <= now:
             continue
         version = _app_version(rpc, req)
         if version is None:
             break
-        _add_work(conn, rpc, reply, version, leased.job_id, leased.id, leased.spec, leased.deadline)
+        spec = _SPEC.one(conn, {"id": leased.job_id}).spec
+        _add_work(conn, rpc, reply, version, leased.job_id, leased.id, spec, leased.deadline)
         reply.messages.append(Message(f"resent lost task {name}"))
         running += 1
     return running, pilots
@@ -256,7 +272,7 @@ def _send_work(
     conn: Connection,
     rpc: Rpc,
     volunteer_id: int,
-    host_id: int,
+    host: Any,
     req: SchedulerRequest,
     in_progress: int,
     reply: SchedulerReply,
@@ -275,8 +291,9 @@ def _send_work(
         rpc.project.settings,
         rpc.issuer,
         volunteer_id,
-        WorkRequest(host_id=host_id, slots=slots),
+        WorkRequest(host_id=host.id, slots=slots),
         lease_to_deadline=True,
+        host=host,
     )
     if not work.tasks:
         if work.message:
@@ -307,8 +324,7 @@ def _add_work(
     project = rpc.project
     if not any(v is version for v, _ in reply.app_versions):
         reply.app_versions.append((version, project.app_base_url(version)))
-    digests = [i["sha256"] for i in spec["inputs"]]
-    rows = {r.sha256: r for r in conn.execute(_INPUTS, {"digests": digests})} if digests else {}
+    rows = {i["sha256"]: _INPUT.one(conn, {"sha256": i["sha256"]}) for i in spec["inputs"]}
     inputs = tuple(
         InputFile(
             name=f"airlock_in_{i['sha256']}",

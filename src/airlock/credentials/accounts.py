@@ -17,6 +17,7 @@ from airlock.core.states import JOB_FINAL, TaskState, VolunteerState
 from airlock.credentials.tokens import COMPUTE_SCOPES, Issued, TokenIssuer, record_credential
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.fast import Fast
 from airlock.db.transitions import record_event, require_transition, transition
 
 _hasher = PasswordHasher()
@@ -74,13 +75,13 @@ def lookup_boinc_account(engine: Engine, email: str, passwd_hash: str) -> str:
     return str(row.authenticator)
 
 
-_VOLUNTEER_STATE = select(schema.volunteers.c.state).where(schema.volunteers.c.id == bindparam("id"))
+_VOLUNTEER_STATE = Fast(select(schema.volunteers.c.state).where(schema.volunteers.c.id == bindparam("id")))
 
 
 def require_active(conn: Connection, volunteer_id: int) -> None:
     """Every volunteer request checks this inside its own transaction: a block takes effect at once,
     whatever tokens the volunteer still holds."""
-    state = conn.execute(_VOLUNTEER_STATE, {"id": volunteer_id}).scalar_one_or_none()
+    state = _VOLUNTEER_STATE.scalar(conn, {"id": volunteer_id})
     if state is None:
         raise Unauthorized("unknown volunteer")
     if state != VolunteerState.ACTIVE.value:

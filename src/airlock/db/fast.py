@@ -24,14 +24,16 @@ from sqlalchemy.sql.expression import ClauseElement
 Processor = Callable[[Any], Any] | None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Plan:
     compiled: SQLCompiler
     sql: str
     positions: tuple[str, ...] | None  # parameter order for positional paramstyles, else None (named)
     binds: tuple[tuple[str, Callable[[Any], Any]], ...]
+    defaults: dict[str, Any]  # the values of literal bind parameters (`kind == "output"`)
     row: Any  # namedtuple class of the result columns, or None
-    results: tuple[Processor, ...]
+    types: tuple[Any, ...]  # the result columns' SQLAlchemy types
+    results: tuple[Processor, ...] | None = None  # known after the first execution (driver type codes)
 
 
 class Fast:
@@ -50,33 +52,36 @@ class Fast:
             return plan
         compiled = self.statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
-        if any(b.expanding for b in compiled.binds.values()):
-            raise ValueError("Fast statements do not take expanding (list) parameters")
+        if any(b.expanding or b.callable is not None for b in compiled.binds.values()):
+            raise ValueError("Fast statements take neither expanding (list) nor callable parameters")
         processors = compiled._bind_processors
         columns = compiled._result_columns
         row = namedtuple("Row", [c[0] for c in columns], rename=True) if columns else None
-        results = tuple(c[3]._cached_result_processor(dialect, None) for c in columns)
         plan = _Plan(
             compiled=compiled,
             sql=compiled.string,
             positions=tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None,
             binds=tuple((name, proc) for name, proc in processors.items() if callable(proc)),
+            defaults={
+                name: bp.effective_value
+                for bp, name in compiled.bind_names.items()
+                if not bp.required and bp.callable is None
+            },
             row=row,
-            results=results,
+            types=tuple(c[3] for c in columns),
         )
         self._plans[dialect.name] = plan
         return plan
 
     def _execute(self, conn: Connection, params: Mapping[str, Any] | None) -> tuple[_Plan, Any]:
         plan = self._plan(conn.dialect)
-        values = plan.compiled.construct_params(params or {}, escape_names=False)
+        values = {**plan.defaults, **params} if params else dict(plan.defaults)
         for name, proc in plan.binds:
             if name in values:
                 values[name] = proc(values[name])
         args: Any = tuple(values[n] for n in plan.positions) if plan.positions is not None else values
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(plan.sql, args)
-        return plan, cursor
+        # sqlite3 and psycopg connections both execute directly (a cursor made in C, for sqlite3)
+        return plan, conn.connection.driver_connection.execute(plan.sql, args)  # type: ignore[union-attr]
 
     def run(self, conn: Connection, params: Mapping[str, Any] | None = None) -> int:
         """Execute a write; the number of rows it touched."""
@@ -87,6 +92,12 @@ class Fast:
 
     def rows(self, conn: Connection, params: Mapping[str, Any] | None = None) -> list[Any]:
         plan, cursor = self._execute(conn, params)
+        if plan.results is None:  # some drivers' processors depend on the type code the driver reports
+            codes = [d[1] for d in cursor.description]
+            plan.results = tuple(
+                t._cached_result_processor(conn.dialect, code)
+                for t, code in zip(plan.types, codes, strict=True)
+            )
         raw = cursor.fetchall()
         cursor.close()
         procs = plan.results
@@ -99,6 +110,12 @@ class Fast:
         if len(found) > 1:
             raise ValueError("more than one row where at most one was expected")
         return found[0] if found else None
+
+    def one(self, conn: Connection, params: Mapping[str, Any] | None = None) -> Any:
+        row = self.one_or_none(conn, params)
+        if row is None:
+            raise LookupError("no row where exactly one was expected")
+        return row
 
     def scalar(self, conn: Connection, params: Mapping[str, Any] | None = None) -> Any:
         row = self.one_or_none(conn, params)

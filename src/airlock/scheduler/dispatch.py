@@ -25,6 +25,7 @@ from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Issued, TokenIssuer, quarantine_path, record_credential
 from airlock.db import schema
 from airlock.db.engine import is_sqlite, utcnow
+from airlock.db.fast import Fast
 from airlock.db.transitions import in_states, record_event, transition
 from airlock.scheduler.quota import remaining, today
 
@@ -59,7 +60,7 @@ def register_host(
 
 _T, _J = schema.tasks, schema.jobs
 _MINE = aliased(schema.tasks)
-_CANDIDATES = (
+_CANDIDATES_QUERY = (
     select(
         _T.c.id,
         _T.c.job_id,
@@ -83,22 +84,37 @@ _CANDIDATES = (
     .order_by(_T.c.id)
     .limit(bindparam("limit"))
 )
-_CANDIDATES_LOCKING = _CANDIDATES.with_for_update(of=_T, skip_locked=True)
-_HOST_AND_OWNER = (
+_CANDIDATES = Fast(_CANDIDATES_QUERY)
+_CANDIDATES_LOCKING = Fast(_CANDIDATES_QUERY.with_for_update(of=_T, skip_locked=True))
+_HOST_AND_OWNER = Fast(
     select(schema.hosts, schema.volunteers.c.state.label("volunteer_state"))
     .join(schema.volunteers, schema.volunteers.c.id == schema.hosts.c.volunteer_id)
     .where(schema.hosts.c.id == bindparam("host"))
 )
-_TOUCH_HOST = (
+_TOUCH_HOST = Fast(
     update(schema.hosts)
     .where(schema.hosts.c.id == bindparam("host"))
-    .values(last_seen=bindparam("now"), quota_day=bindparam("day"), dispatched_today=bindparam("used"))
+    .values(
+        last_seen=bindparam("now", type_=schema.hosts.c.last_seen.type),
+        quota_day=bindparam("day"),
+        dispatched_today=bindparam("used"),
+    )
 )
+_INPUT = Fast(
+    select(schema.files.c.sha256, schema.files.c.size, schema.files.c.adler32).where(
+        schema.files.c.kind == "input", schema.files.c.sha256 == bindparam("sha256")
+    )
+)
+
+
+def host_row(conn: Connection, host_id: int) -> Any:
+    """The host row with its volunteer's state (`volunteer_state`), or None."""
+    return _HOST_AND_OWNER.one_or_none(conn, {"host": host_id})
 
 
 def own_host(conn: Connection, volunteer_id: int, host_id: int) -> Any:
     """The host row, if it is this (active) volunteer's: one query for both checks."""
-    host = conn.execute(_HOST_AND_OWNER, {"host": host_id}).one_or_none()
+    host = host_row(conn, host_id)
     if host is None:
         raise NotFound(f"no host {host_id}")
     if host.volunteer_id != volunteer_id:
@@ -116,11 +132,15 @@ def request_work(
     req: WorkRequest,
     *,
     lease_to_deadline: bool = False,
+    host: Any = None,
 ) -> WorkReply:
     """Lease up to `req.slots` tasks to the host. `lease_to_deadline` is for clients that do not
     heartbeat (BOINC): their lease is the report deadline, and they upload with a name the scheduler
-    signed instead of a token, so none is issued."""
-    host = own_host(conn, volunteer_id, req.host_id)
+    signed instead of a token, so none is issued. `host` is the row `own_host` returns, when the
+    caller already fetched it in this transaction."""
+    given = host is not None and host.id == req.host_id and host.volunteer_id == volunteer_id
+    if not given or host.volunteer_state != VolunteerState.ACTIVE.value:
+        host = own_host(conn, volunteer_id, req.host_id)  # fetches and checks (raises if refused)
     now = utcnow()
     allowed = remaining(host.daily_quota, host.cores, host.quota_day, host.dispatched_today, now)
     if allowed <= 0:
@@ -136,8 +156,8 @@ def request_work(
     memory = min(host.memory_mb, req.free_memory_mb if req.free_memory_mb is not None else host.memory_mb)
     disk = min(host.disk_mb, req.free_disk_mb if req.free_disk_mb is not None else host.disk_mb)
     query = _CANDIDATES if is_sqlite(conn) else _CANDIDATES_LOCKING
-    candidates = conn.execute(
-        query,
+    candidates = query.rows(
+        conn,
         {
             "cores": cores,
             "memory": memory,
@@ -145,7 +165,7 @@ def request_work(
             "volunteer": volunteer_id,
             "limit": wanted * CANDIDATES_PER_SLOT,
         },
-    ).all()
+    )
 
     assignments: list[TaskAssignment] = []
     jobs_taken: set[int] = set()
@@ -190,7 +210,7 @@ def request_work(
         )
 
     used = (host.dispatched_today if host.quota_day == today(now) else 0) + len(assignments)
-    conn.execute(_TOUCH_HOST, {"host": host.id, "now": now, "day": today(now), "used": used})
+    _TOUCH_HOST.run(conn, {"host": host.id, "now": now, "day": today(now), "used": used})
     return WorkReply(
         tasks=assignments,
         retry_after_s=0 if assignments else settings.retry_after_s,
@@ -237,15 +257,7 @@ def _assignment(
     )
     inputs = []
     if spec["inputs"]:
-        f = schema.files
-        digests = {
-            r.sha256: r
-            for r in conn.execute(
-                select(f.c.sha256, f.c.size, f.c.adler32).where(
-                    f.c.kind == "input", f.c.sha256.in_([i["sha256"] for i in spec["inputs"]])
-                )
-            )
-        }
+        digests = {i["sha256"]: _INPUT.one(conn, {"sha256": i["sha256"]}) for i in spec["inputs"]}
         for inp in spec["inputs"]:
             d = digests[inp["sha256"]]
             inputs.append(

@@ -15,17 +15,29 @@ from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import TokenIssuer
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.fast import Fast
 from airlock.db.transitions import transition
 from airlock.scheduler.dispatch import issue_upload_token
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
 
-_TASK = select(schema.tasks).where(schema.tasks.c.id == bindparam("id"))
+_T = schema.tasks
+_TASK = Fast(
+    select(
+        _T.c.id,
+        _T.c.job_id,
+        _T.c.state,
+        _T.c.volunteer_id,
+        _T.c.host_id,
+        _T.c.lease_expires_at,
+        _T.c.deadline,
+    ).where(_T.c.id == bindparam("id"))
+)
 
 
 def own_task(conn: Connection, volunteer_id: int, host_id: int, task_id: int) -> Any:
     """The task row if this volunteer's host holds it; Forbidden for anyone else's task."""
-    task = conn.execute(_TASK, {"id": task_id}).one_or_none()
+    task = _TASK.one_or_none(conn, {"id": task_id})
     if task is None:
         raise NotFound(f"no task {task_id}")
     if task.volunteer_id != volunteer_id:

@@ -15,20 +15,23 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from airlock.core.states import JOB_FINAL, JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.fast import Fast
 from airlock.db.transitions import record_event, transition
 from airlock.scheduler.quota import record_outcome
 
 IN_FLIGHT = {TaskState.READY.value, TaskState.LEASED.value, TaskState.REPORTED.value}
 
 
-_JOB = select(
-    schema.jobs.c.state,
-    schema.jobs.c.quorum,
-    schema.jobs.c.attempts,
-    schema.jobs.c.max_attempts,
-    schema.jobs.c.canonical_task_id,
-).where(schema.jobs.c.id == bindparam("id"))
-_TASKS = (
+_JOB = Fast(
+    select(
+        schema.jobs.c.state,
+        schema.jobs.c.quorum,
+        schema.jobs.c.attempts,
+        schema.jobs.c.max_attempts,
+        schema.jobs.c.canonical_task_id,
+    ).where(schema.jobs.c.id == bindparam("id"))
+)
+_TASKS = Fast(
     select(schema.tasks.c.id, schema.tasks.c.state, schema.tasks.c.agreement, schema.tasks.c.host_id)
     .where(schema.tasks.c.job_id == bindparam("id"))
     .order_by(schema.tasks.c.id)
@@ -37,10 +40,10 @@ _TASKS = (
 
 def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | None = None) -> str:
     """Bring a job's state in line with its tasks, in the caller's transaction. Returns the job state."""
-    job = conn.execute(_JOB, {"id": job_id}).one()
+    job = _JOB.one(conn, {"id": job_id})
     if job.state in JOB_FINAL or job.state == JobState.ASSIMILATING.value:
         return str(job.state)
-    tasks = conn.execute(_TASKS, {"id": job_id}).all()
+    tasks = _TASKS.rows(conn, {"id": job_id})
     groups: dict[str, list[Any]] = defaultdict(list)
     for task in tasks:
         if task.state == TaskState.VALID.value:

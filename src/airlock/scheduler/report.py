@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Connection, bindparam, select
 
-from airlock.core.errors import BadInput, Conflict, Gone
+from airlock.core.errors import BadInput, Conflict, Forbidden, Gone
 from airlock.core.schemas import ReportAccepted, TaskReport
 from airlock.core.states import TaskState
 from airlock.credentials.accounts import require_active
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.fast import Fast
 from airlock.db.transitions import transition
 from airlock.scheduler.leases import lease_is_live, own_task
 from airlock.scheduler.replication import settle_job
@@ -17,12 +20,21 @@ from airlock.scheduler.replication import settle_job
 _DONE = {TaskState.REPORTED.value, TaskState.VALID.value, TaskState.INVALID.value, TaskState.ERROR.value}
 
 
-_JOB_SPEC = select(schema.jobs.c.spec).where(schema.jobs.c.id == bindparam("id"))
+_JOB_SPEC = Fast(select(schema.jobs.c.spec).where(schema.jobs.c.id == bindparam("id")))
 
 
-def report_task(conn: Connection, volunteer_id: int, task_id: int, report: TaskReport) -> ReportAccepted:
-    require_active(conn, volunteer_id)
-    task = own_task(conn, volunteer_id, report.host_id, task_id)
+def report_task(
+    conn: Connection, volunteer_id: int, task_id: int, report: TaskReport, *, task: Any = None
+) -> ReportAccepted:
+    """Record the report. Every refusal is raised before the first write, so a caller reporting several
+    tasks in one transaction (the BOINC scheduler) needs no savepoint around each. `task` is the row
+    `own_task` returns, when the caller already fetched it in this transaction after checking that the
+    volunteer is active (the BOINC scheduler does both for the whole RPC)."""
+    if task is None:
+        require_active(conn, volunteer_id)
+        task = own_task(conn, volunteer_id, report.host_id, task_id)
+    elif (task.id, task.volunteer_id, task.host_id) != (task_id, volunteer_id, report.host_id):
+        raise Forbidden(f"task {task_id} is not assigned to this host")
     now = utcnow()
     if task.state in _DONE:
         raise Conflict(f"task {task_id} was already reported")
@@ -30,7 +42,7 @@ def report_task(conn: Connection, volunteer_id: int, task_id: int, report: TaskR
         raise Gone(f"task {task_id} was aborted (its job was cancelled or finished)")
     if not lease_is_live(task, now):
         raise Gone(f"the lease on task {task_id} has expired; the task was given to another host")
-    spec = conn.execute(_JOB_SPEC, {"id": task.job_id}).scalar_one()
+    spec = _JOB_SPEC.one(conn, {"id": task.job_id}).spec
     declared = {o["name"] for o in spec["outputs"]}
     names = [o.name for o in report.outputs]
     unknown = sorted(set(names) - declared)
