@@ -37,7 +37,7 @@ from airlock.db import schema
 from airlock.db.engine import utcnow
 from airlock.db.fast import Fast
 from airlock.generator.inputs import input_key
-from airlock.scheduler.dispatch import host_row, register_host, request_work
+from airlock.scheduler.dispatch import host_row, lease_tasks, register_host
 from airlock.scheduler.report import report_task
 from airlock.storage.base import Storage
 
@@ -286,29 +286,24 @@ def _send_work(
     slots = min(MAX_SLOTS, req.host.p_ncpus - in_progress)  # one task per core, none buffered
     if slots <= 0:
         return
-    work = request_work(
+    leasing = lease_tasks(
         conn,
         rpc.project.settings,
-        rpc.issuer,
         volunteer_id,
         WorkRequest(host_id=host.id, slots=slots),
         lease_to_deadline=True,
         host=host,
     )
-    if not work.tasks:
-        if work.message:
-            reply.messages.append(Message(work.message))
-        reply.request_delay = float(work.retry_after_s)
+    if not leasing.leases:
+        refusal = leasing.refusal
+        reply.messages.append(
+            Message(refusal.message if refusal and refusal.message else "no work right now")
+        )
+        retry = refusal.retry_after_s if refusal else rpc.project.settings.retry_after_s
+        reply.request_delay = float(retry)
         return
-    for t in work.tasks:
-        spec = {
-            "command": t.command,
-            "env": t.env,
-            "inputs": [{"name": i.name, "sha256": i.sha256} for i in t.inputs],
-            "outputs": [{"name": o.name, "max_size": o.max_size} for o in t.outputs],
-            "resources": t.resources.model_dump(),
-        }
-        _add_work(conn, rpc, reply, version, t.job_id, t.task_id, spec, t.lease_expires_at)
+    for lease in leasing.leases:
+        _add_work(conn, rpc, reply, version, lease.job_id, lease.task_id, lease.spec, lease.lease_expires_at)
 
 
 def _add_work(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -124,20 +125,38 @@ def own_host(conn: Connection, volunteer_id: int, host_id: int) -> Any:
     return host
 
 
-def request_work(
+@dataclass(frozen=True)
+class Lease:
+    """A task just leased to a host: what any client protocol needs to hand it out."""
+
+    task_id: int
+    job_id: int
+    app: str | None
+    spec: dict[str, Any]
+    leased_at: datetime
+    lease_expires_at: datetime
+    deadline: datetime
+
+
+@dataclass(frozen=True)
+class Leasing:
+    leases: list[Lease]
+    refusal: WorkReply | None = None  # why the host may take nothing now (its daily quota)
+
+
+def lease_tasks(
     conn: Connection,
     settings: Settings,
-    issuer: TokenIssuer,
     volunteer_id: int,
     req: WorkRequest,
     *,
     lease_to_deadline: bool = False,
     host: Any = None,
-) -> WorkReply:
-    """Lease up to `req.slots` tasks to the host. `lease_to_deadline` is for clients that do not
-    heartbeat (BOINC): their lease is the report deadline, and they upload with a name the scheduler
-    signed instead of a token, so none is issued. `host` is the row `own_host` returns, when the
-    caller already fetched it in this transaction."""
+) -> Leasing:
+    """Lease up to `req.slots` ready tasks that fit the host, each on a job this volunteer has no task
+    of. `lease_to_deadline` is for clients that do not heartbeat (BOINC): their lease is the report
+    deadline. `host` is the row `own_host` returns, when the caller already fetched it in this
+    transaction."""
     given = host is not None and host.id == req.host_id and host.volunteer_id == volunteer_id
     if not given or host.volunteer_state != VolunteerState.ACTIVE.value:
         host = own_host(conn, volunteer_id, req.host_id)  # fetches and checks (raises if refused)
@@ -146,11 +165,12 @@ def request_work(
     if allowed <= 0:
         midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), now.tzinfo)
         conn.execute(update(schema.hosts).where(schema.hosts.c.id == host.id).values(last_seen=now))
-        return WorkReply(
+        refusal = WorkReply(
             tasks=[],
             retry_after_s=min(int((midnight - now).total_seconds()) + 1, 3600),
             message=f"this host reached its daily quota ({host.daily_quota} per core)",
         )
+        return Leasing([], refusal)
     wanted = min(req.slots, allowed)
     cores = min(host.cores, req.free_cores if req.free_cores is not None else host.cores)
     memory = min(host.memory_mb, req.free_memory_mb if req.free_memory_mb is not None else host.memory_mb)
@@ -166,17 +186,18 @@ def request_work(
             "limit": wanted * CANDIDATES_PER_SLOT,
         },
     )
-
-    assignments: list[TaskAssignment] = []
+    leases: list[Lease] = []
     jobs_taken: set[int] = set()
     actor = f"host:{host.id}"
     for cand in candidates:
-        if len(assignments) >= wanted:
+        if len(leases) >= wanted:
             break
         if cand.job_id in jobs_taken or cand.cores > cores or cand.memory_mb > memory or cand.disk_mb > disk:
             continue
         deadline = now + timedelta(seconds=cand.deadline_s)
-        lease_expires = deadline if lease_to_deadline else now + timedelta(seconds=settings.lease_s)
+        lease_expires = min(
+            deadline, deadline if lease_to_deadline else now + timedelta(seconds=settings.lease_s)
+        )
         if not transition(
             conn,
             TaskState.LEASED,
@@ -186,7 +207,7 @@ def request_work(
                 "volunteer_id": volunteer_id,
                 "host_id": host.id,
                 "leased_at": now,
-                "lease_expires_at": min(lease_expires, deadline),
+                "lease_expires_at": lease_expires,
                 "deadline": deadline,
             },
             detail={"volunteer_id": volunteer_id},
@@ -196,21 +217,20 @@ def request_work(
             transition(conn, JobState.RUNNING, cand.job_id, actor)
         jobs_taken.add(cand.job_id)
         cores, memory, disk = cores - cand.cores, memory - cand.memory_mb, disk - cand.disk_mb
-        assignments.append(
-            _assignment(
-                conn,
-                settings,
-                issuer if not lease_to_deadline else None,
-                volunteer_id,
-                cand,
-                now,
-                min(lease_expires, deadline),
-                deadline,
-            )
-        )
-
-    used = (host.dispatched_today if host.quota_day == today(now) else 0) + len(assignments)
+        leases.append(Lease(cand.id, cand.job_id, cand.app, cand.spec, now, lease_expires, deadline))
+    used = (host.dispatched_today if host.quota_day == today(now) else 0) + len(leases)
     _TOUCH_HOST.run(conn, {"host": host.id, "now": now, "day": today(now), "used": used})
+    return Leasing(leases)
+
+
+def request_work(
+    conn: Connection, settings: Settings, issuer: TokenIssuer, volunteer_id: int, req: WorkRequest
+) -> WorkReply:
+    """The native API's work request: leases, each with its inputs' addresses and an upload token."""
+    leasing = lease_tasks(conn, settings, volunteer_id, req)
+    if leasing.refusal is not None:
+        return leasing.refusal
+    assignments = [_assignment(conn, settings, issuer, volunteer_id, lease) for lease in leasing.leases]
     return WorkReply(
         tasks=assignments,
         retry_after_s=0 if assignments else settings.retry_after_s,
@@ -238,22 +258,13 @@ def issue_upload_token(
 
 
 def _assignment(
-    conn: Connection,
-    settings: Settings,
-    issuer: TokenIssuer | None,
-    volunteer_id: int,
-    cand: Any,
-    now: datetime,
-    lease_expires: datetime,
-    deadline: datetime,
+    conn: Connection, settings: Settings, issuer: TokenIssuer, volunteer_id: int, lease: Lease
 ) -> TaskAssignment:
-    spec = cand.spec
+    spec = lease.spec
     base = settings.public_url
-    path = quarantine_path(volunteer_id, cand.id)
-    upload = (
-        None
-        if issuer is None
-        else issue_upload_token(conn, settings, issuer, volunteer_id, cand.id, now, deadline)
+    path = quarantine_path(volunteer_id, lease.task_id)
+    upload = issue_upload_token(
+        conn, settings, issuer, volunteer_id, lease.task_id, lease.leased_at, lease.deadline
     )
     inputs = []
     if spec["inputs"]:
@@ -270,9 +281,9 @@ def _assignment(
                 )
             )
     return TaskAssignment(
-        task_id=cand.id,
-        job_id=cand.job_id,
-        app=cand.app,
+        task_id=lease.task_id,
+        job_id=lease.job_id,
+        app=lease.app,
         command=spec["command"],
         env=spec.get("env") or {},
         inputs=inputs,
@@ -285,8 +296,8 @@ def _assignment(
             for o in spec["outputs"]
         ],
         resources=Resources.model_validate(spec["resources"]),
-        lease_expires_at=lease_expires,
-        deadline=deadline,
+        lease_expires_at=lease.lease_expires_at,
+        deadline=lease.deadline,
         heartbeat_interval_s=settings.heartbeat_interval_s,
-        upload_token=upload.token if upload else "",
+        upload_token=upload.token,
     )
