@@ -20,6 +20,7 @@ class BoincProject:
     _code_sign_key: str | None = None
     _stamp: int | None = -1
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    inputs: dict[str, tuple[int, str]] = field(default_factory=dict)  # sha256 -> (size, MD5) served
 
     @classmethod
     def open(cls, settings: Settings) -> BoincProject:

@@ -46,6 +46,7 @@ UPLOADED = 5
 ABORTED = 6
 UNKNOWN_ACCOUNT_DELAY_S = 3600.0
 MAX_SLOTS = 64
+INPUT_CACHE_ENTRIES = 100_000
 
 _V, _T, _J, _F, _H = schema.volunteers, schema.tasks, schema.jobs, schema.files, schema.hosts
 _VOLUNTEER = Fast(select(_V.c.id, _V.c.name, _V.c.state).where(_V.c.authenticator == bindparam("auth")))
@@ -319,16 +320,16 @@ def _add_work(
     project = rpc.project
     if not any(v is version for v, _ in reply.app_versions):
         reply.app_versions.append((version, project.app_base_url(version)))
-    rows = {i["sha256"]: _INPUT.one(conn, {"sha256": i["sha256"]}) for i in spec["inputs"]}
     inputs = tuple(
         InputFile(
             name=f"airlock_in_{i['sha256']}",
             open_name=i["name"],
             url=project.input_url(i["sha256"]),
-            nbytes=rows[i["sha256"]].size,
-            md5=_input_md5(conn, rpc.inputs, rows[i["sha256"]]),
+            nbytes=size,
+            md5=md5,
         )
         for i in spec["inputs"]
+        for size, md5 in (_input(conn, rpc, i["sha256"]),)
     )
     resources = spec.get("resources") or {}
     runtime = float(resources.get("runtime_s", 3600))
@@ -369,6 +370,18 @@ def _add_work(
             ),
         )
     )
+
+
+def _input(conn: Connection, rpc: Rpc, sha256: str) -> tuple[int, str]:
+    """An input's size and MD5. Inputs are content-addressed, so both are remembered per process."""
+    known = rpc.project.inputs.get(sha256)
+    if known is None:
+        row = _INPUT.one(conn, {"sha256": sha256})
+        known = (int(row.size), _input_md5(conn, rpc.inputs, row))
+        if len(rpc.project.inputs) >= INPUT_CACHE_ENTRIES:
+            rpc.project.inputs.clear()
+        rpc.project.inputs[sha256] = known
+    return known
 
 
 def _input_md5(conn: Connection, inputs: Storage, row: Any) -> str:
