@@ -27,15 +27,15 @@ from airlock.generator.inputs import input_key
 
 router = APIRouter(prefix="/boinc", tags=["boinc"])
 XML = "text/xml"
-_projects: dict[tuple[str, str], BoincProject] = {}
+_projects: dict[int, BoincProject] = {}  # by id() of the gateway's settings (checked by identity)
 BAD_REQUEST_DELAY_S = 600.0
 
 
 def project(gw: Gateway) -> BoincProject:
-    key = (str(gw.settings.data_dir.resolve()), gw.settings.public_url)
-    found = _projects.get(key)
+    """This process's BoincProject for the gateway (one dictionary look-up on every RPC)."""
+    found = _projects.get(id(gw.settings))
     if found is None or found.settings is not gw.settings:
-        found = _projects[key] = BoincProject.open(gw.settings)
+        found = _projects[id(gw.settings)] = BoincProject.open(gw.settings)
     return found
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, insert, select, update
+from sqlalchemy import Connection, Text, and_, bindparam, cast, exists, insert, select, update
 from sqlalchemy.orm import aliased
 
 from airlock.config import Settings
@@ -66,7 +67,7 @@ _CANDIDATES_QUERY = (
         _T.c.id,
         _T.c.job_id,
         _J.c.state.label("job_state"),
-        _J.c.spec,
+        cast(_J.c.spec, Text).label("spec_json"),  # decoded only for the candidates leased
         _J.c.app,
         _J.c.cores,
         _J.c.memory_mb,
@@ -217,7 +218,8 @@ def lease_tasks(
             transition(conn, JobState.RUNNING, cand.job_id, actor)
         jobs_taken.add(cand.job_id)
         cores, memory, disk = cores - cand.cores, memory - cand.memory_mb, disk - cand.disk_mb
-        leases.append(Lease(cand.id, cand.job_id, cand.app, cand.spec, now, lease_expires, deadline))
+        spec = json.loads(cand.spec_json)
+        leases.append(Lease(cand.id, cand.job_id, cand.app, spec, now, lease_expires, deadline))
     used = (host.dispatched_today if host.quota_day == today(now) else 0) + len(leases)
     _TOUCH_HOST.run(conn, {"host": host.id, "now": now, "day": today(now), "used": used})
     return Leasing(leases)
