@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from airlock.api.app import create_app
+from airlock.api.server import serving_app
 from airlock.config import load_settings
 from airlock.context import Gateway, initialise
 from airlock.db.migrate import upgrade
@@ -95,5 +95,6 @@ def gw(db_url: str, tmp_path: Path, settings_overrides: dict[str, Any]) -> Itera
 
 @pytest.fixture
 def api(gw: Gateway) -> Iterator[Api]:
-    with TestClient(create_app(gw, background=False)) as client:
+    """The application `airlock serve` runs: the hot-route front before FastAPI."""
+    with TestClient(serving_app(gw, background=False)) as client:
         yield Api(client, gw)

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airlock import __version__
-from airlock.api import boinc, bridge, credentials, operator, volunteer
+from airlock.api import boinc, bridge, credentials, errors, operator, volunteer
 from airlock.context import Gateway
 from airlock.core.errors import AirlockError
 from airlock.service import BackgroundLoops
@@ -24,22 +24,9 @@ log = logging.getLogger("airlock.api")
 THREADS = 8
 
 
-def _error(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        {"error": code, "message": message, "detail": detail}, status_code=status, headers=headers
-    )
-
-
-def _describe(exc: RequestValidationError) -> tuple[int, str]:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return 400, "the request body is not valid JSON"
-    parts = []
-    for e in errors[:10]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
-    return 422, "invalid request: " + "; ".join(parts)
+def _json(rendered: errors.Rendered) -> JSONResponse:
+    status, payload, headers = rendered
+    return JSONResponse(payload, status_code=status, headers=headers)
 
 
 def create_app(gw: Gateway, *, background: bool | None = None) -> FastAPI:
@@ -67,31 +54,20 @@ def create_app(gw: Gateway, *, background: bool | None = None) -> FastAPI:
     app.state.gateway = gw
 
     @app.exception_handler(AirlockError)
-    async def _airlock_error(request: Request, exc: AirlockError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+    @app.exception_handler(AlreadyExists)
+    @app.exception_handler(StorageError)
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        rendered = errors.for_exception(exc)
+        assert rendered is not None
+        return _json(rendered)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _describe(exc)
-        return _error(
-            status,
-            "bad_input" if status == 400 else "invalid_request",
-            message,
-            [{"loc": e.get("loc"), "msg": e.get("msg")} for e in exc.errors()[:20]],
-        )
+        return _json(errors.for_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, "http_error", str(exc.detail))
-
-    @app.exception_handler(AlreadyExists)
-    async def _exists(request: Request, exc: AlreadyExists) -> JSONResponse:
-        return _error(409, "conflict", str(exc))
-
-    @app.exception_handler(StorageError)
-    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
-        log.error("storage error: %s", exc)
-        return _error(503, "storage_unavailable", f"storage error: {exc}")
+        return _json(errors.error(exc.status_code, "http_error", str(exc.detail)))
 
     @app.get("/healthz", tags=["public"])
     async def healthz() -> dict[str, str]:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, status
 from fastapi.responses import FileResponse
 
 from airlock.api.deps import GatewayDep, PathId, Reader, Volunteer
+from airlock.context import Gateway
 from airlock.core.errors import Forbidden, NotFound
 from airlock.core.schemas import (
     Heartbeat,
@@ -65,22 +66,36 @@ async def hosts(gw: GatewayDep, who: Volunteer, body: HostRegistration) -> HostR
         return register_host(conn, gw.settings, who.volunteer_id, body)
 
 
-@router.post("/work")
-async def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
+# The operations behind the hot routes, shared by these FastAPI routes (the OpenAPI document, and any
+# request the front in `api.hot` passes on) and by that front itself.
+def work_for(gw: Gateway, who: Claims, body: WorkRequest) -> WorkReply:
     with gw.engine.begin() as conn:
         return request_work(conn, gw.settings, gw.issuer, who.volunteer_id, body)
 
 
-@router.post("/tasks/{task_id}/heartbeat")
-async def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
+def heartbeat_for(gw: Gateway, who: Claims, task_id: int, body: Heartbeat) -> HeartbeatReply:
     with gw.engine.begin() as conn:
         return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id, gw.issuer)
 
 
-@router.post("/tasks/{task_id}/report")
-async def task_report(gw: GatewayDep, who: Volunteer, task_id: PathId, body: TaskReport) -> ReportAccepted:
+def report_for(gw: Gateway, who: Claims, task_id: int, body: TaskReport) -> ReportAccepted:
     with gw.engine.begin() as conn:
         return report_task(conn, who.volunteer_id, task_id, body)
+
+
+@router.post("/work")
+async def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
+    return work_for(gw, who, body)
+
+
+@router.post("/tasks/{task_id}/heartbeat")
+async def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
+    return heartbeat_for(gw, who, task_id, body)
+
+
+@router.post("/tasks/{task_id}/report")
+async def task_report(gw: GatewayDep, who: Volunteer, task_id: PathId, body: TaskReport) -> ReportAccepted:
+    return report_for(gw, who, task_id, body)
 
 
 @router.get("/inputs/{sha256}", response_class=FileResponse)
