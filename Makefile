@@ -4,9 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := bubblewrap postgresql boinc-client xrootd-server xrootd-scitokens-plugins xrootd-client \
-                globus-proxy-utils voms-clients
+                globus-proxy-utils voms-clients \
+                mariadb-server mariadb-client pkg-config libmariadb-dev swig libssl-dev gcc openssl
 
-.PHONY: demo demo-xrootd test test-fast lint typecheck bench venv system-deps postgres clean
+.PHONY: demo demo-xrootd test test-fast lint typecheck bench venv system-deps postgres mariadb clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,8 @@ demo-xrootd: system-deps $(STAMP)
 	$(BIN)/airlock demo --bridge xrootd
 
 ## system packages the tests use: bubblewrap (sandbox), PostgreSQL (second backend), the BOINC client,
-## XRootD with its SciTokens plugin, and the grid tools that check our certificates
+## XRootD with its SciTokens plugin, the grid tools that check our certificates, and MariaDB with the
+## build tools of DIRAC's own venv (scripts/dirac/up.sh: M2Crypto and mysqlclient compile)
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -41,6 +43,10 @@ system-deps:
 postgres: system-deps
 	@scripts/ensure-postgres.sh
 
+## a MariaDB answering on 127.0.0.1:3306 with the airlock_admin login the DIRAC bring-up uses
+mariadb: system-deps
+	@scripts/ensure-mariadb.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
@@ -48,8 +54,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: system-deps postgres $(STAMP) lint typecheck
-	AIRLOCK_TEST_POSTGRES=required $(BIN)/pytest -q -p no:cacheprovider
+test: system-deps postgres mariadb $(STAMP) lint typecheck
+	AIRLOCK_TEST_POSTGRES=required AIRLOCK_TEST_DIRAC=required AIRLOCK_DIRAC_MYSQL_ADMIN_USER=airlock_admin \
+	  $(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" -x
