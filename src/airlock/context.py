@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from airlock.config import Settings
 from airlock.credentials.keys import generate_signing_key, load_signing_keys, write_private
 from airlock.credentials.tokens import TokenIssuer
-from airlock.db.engine import make_engine
+from airlock.db.engine import is_sqlite, make_engine
 from airlock.storage.base import Storage
 from airlock.storage.local import LocalStorage
 from airlock.storage.xrootd import XRootDStorage, open_xrootd
@@ -38,13 +38,23 @@ class Gateway:
             raise RuntimeError(f"no signing key in {settings.keys_dir}: run `airlock init` first")
         local = LocalStorage(settings.storage_dir)
         issuer = TokenIssuer(settings.token_issuer, keys, keys_dir=settings.keys_dir)
+        engine = make_engine(settings.db_url)
         bridge: Storage = local if settings.bridge == "local" else open_xrootd(settings, issuer)
+        # A quarantined file is as durable as the row that accepts it, no more: SQLite in WAL mode
+        # with synchronous=NORMAL survives a process crash but may lose its last commits in a power cut,
+        # so fsyncing the file before that row would buy nothing. (A file that outlives its row is
+        # taken as a retry of the same upload; a row whose file was lost fails validation and the task
+        # is reissued.) On PostgreSQL commits are durable and so are the files. Inputs and trusted
+        # storage are always fsynced.
+        quarantine: Storage = bridge
+        if settings.bridge == "local" and is_sqlite(engine):
+            quarantine = LocalStorage(settings.storage_dir, fsync=False)
         return cls(
             settings=settings,
-            engine=make_engine(settings.db_url),
+            engine=engine,
             issuer=issuer,
             inputs=local,
-            quarantine=bridge,
+            quarantine=quarantine,
             trusted=bridge,
             operator_token=resolve_operator_token(settings) if serving else None,
         )

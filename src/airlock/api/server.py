@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -45,8 +46,11 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         uvicorn.run(serving_app(gw), **common)  # type: ignore[arg-type]
         return
     # Several HTTP processes; the background loops run once, in this supervising process.
-    for name, value in settings.model_dump(exclude_none=True).items():
-        os.environ[f"AIRLOCK_{name.upper()}"] = str(value)
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
+        # lists and tables as JSON, which `load_settings` reads back; everything else as text
+        os.environ[f"AIRLOCK_{name.upper()}"] = (
+            json.dumps(value) if isinstance(value, list | dict) else str(value)
+        )
     loops = BackgroundLoops(gw) if settings.background else None
     if loops:
         loops.start()

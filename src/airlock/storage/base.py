@@ -26,6 +26,7 @@ class DigestMismatch(StorageError):
 
 class Pending(Protocol):
     digest: Digest
+    blocking: bool  # publish() waits on the disk (fsync) or the network: call it from a worker thread
 
     def publish(self, key: str | None = None) -> None:
         """Make the file visible under its key (or `key`, for content-addressed names known only after

@@ -29,9 +29,10 @@ class PendingFile:
 
     def __init__(self, storage: LocalStorage, tmp: Path, final: Path, digest: Digest) -> None:
         self._storage, self._tmp, self._final, self.digest = storage, tmp, final, digest
+        self.blocking = storage.fsync
 
     def publish(self, key: str | None = None) -> None:
-        """Blocking (fsync): call it from a worker thread, not the event loop."""
+        """With fsync, this blocks: call it from a worker thread then, not the event loop."""
         final = self._final if key is None else self._storage.path(key)
         if self._storage.fsync:
             fd = os.open(self._tmp, os.O_RDONLY)

@@ -88,6 +88,8 @@ def parse_adler32(header: str | None) -> str | None:
 class PendingUpload:
     """Bytes received into a local spool file; `publish()` sends them to the server under their key."""
 
+    blocking = True
+
     def __init__(self, storage: XRootDStorage, key: str, spool: Path, digest: Digest) -> None:
         self._storage, self._key, self._spool, self.digest = storage, key, spool, digest
 
