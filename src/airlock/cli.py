@@ -130,6 +130,8 @@ def cmd_submit(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
+    if ns.upstream:
+        return _status_upstream(ns)
     with _client(ns) as client:
         if ns.job is not None:
             console.print_json(json.dumps(client.call("GET", f"/api/v1/jobs/{ns.job}")))
@@ -143,6 +145,72 @@ def cmd_status(ns: argparse.Namespace) -> int:
             continue
         states = ", ".join(f"{k} {v}" for k, v in sorted(b["jobs_by_state"].items()))
         table.add_row(str(b["id"]), b["name"], b["owner"] or "", b["upstream"], states)
+    console.print(table)
+    return 0
+
+
+def _status_upstream(ns: argparse.Namespace) -> int:
+    """Upstream (DIRAC) jobs next to their Airlock jobs, from the gateway's database; --live also asks
+    DIRAC for each unfinished job's current status."""
+    from airlock.db.engine import make_engine, read
+    from airlock.reporter.upstream import upstream_jobs
+
+    settings = _settings(ns)
+    engine = make_engine(settings.db_url)
+    try:
+        with read(engine) as conn:
+            rows = upstream_jobs(conn)
+    finally:
+        engine.dispose()
+    live: dict[str, str] = {}
+    if ns.live and settings.upstream == "dirac":
+        from airlock.upstream.base import UpstreamError
+        from airlock.upstream.dirac import DiracUpstream
+
+        try:
+            dirac = DiracUpstream(settings)
+        except UpstreamError as exc:
+            console.print(f"cannot ask DIRAC: {exc}")
+            return 1
+        try:
+            for r in rows:
+                try:
+                    st, minor = dirac.job_state(r["ref"])
+                    live[r["ref"]] = f"{st} ({minor})" if minor else str(st)
+                except UpstreamError as exc:
+                    live[r["ref"]] = f"? {exc}"[:60]
+        finally:
+            dirac.close()
+    table = Table(title="upstream jobs")
+    cols = [
+        "upstream",
+        "id",
+        "try",
+        "gateway",
+        "upstream status (last reported)",
+        "airlock job",
+        "state",
+        "tasks",
+    ]
+    if live:
+        cols.insert(5, "upstream status (now)")
+    for col in [*cols, "last error"]:
+        table.add_column(col)
+    for r in rows:
+        reported = f"{r['reported_status']} ({r['reported_minor']})" if r["reported_status"] else ""
+        cells = [
+            r["upstream"],
+            r["ref"],
+            str(r["attempt"]),
+            r["state"],
+            reported,
+            "" if r["job_id"] is None else str(r["job_id"]),
+            r["job_state"] or "",
+            str(r["tasks"] or 0),
+        ]
+        if live:
+            cells.insert(5, live.get(r["ref"], ""))
+        table.add_row(*cells, (r["error"] or "")[:80])
     console.print(table)
     return 0
 
@@ -312,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(p)
     p.add_argument("--batch", type=int, help="only this batch")
     p.add_argument("--job", type=int, help="one job in full: tasks, volunteers, hosts, files")
+    p.add_argument(
+        "--upstream",
+        action="store_true",
+        help="upstream (DIRAC) jobs next to their Airlock jobs, read from the gateway's database",
+    )
+    p.add_argument(
+        "--live", action="store_true", help="with --upstream: also ask DIRAC for each job's status"
+    )
+    p.add_argument(
+        "--config", type=Path, help="with --upstream: TOML configuration file (env AIRLOCK_CONFIG)"
+    )
+    p.add_argument("--database-url", help="with --upstream: the gateway's database")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("cancel", help="cancel a job (or with --batch, a whole batch)")

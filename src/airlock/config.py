@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -82,6 +83,74 @@ class Settings(BaseModel):
         default=2**30, ge=1, description="BOINC: cap on one upload request (each output has its own cap)"
     )
 
+    # ------------------------------------------------------------------ upstream (docs/upstream.md)
+    upstream: Literal["airlock", "dirac"] = Field(
+        default="airlock",
+        description="where jobs come from: Airlock's own submission API only, or also pulled from DIRAC",
+    )
+    dirac_dir: Path | None = Field(
+        default=None,
+        description="DIRAC: a folder with dirac.json (python + env), as scripts/dirac/up.sh makes",
+    )
+    dirac_python: Path | None = Field(default=None, description="DIRAC: python of DIRAC's own venv")
+    dirac_env_file: Path | None = Field(
+        default=None,
+        description="DIRAC: KEY=VALUE lines (DIRACSYSCONFIG, X509_CERT_DIR, ...) for that python",
+    )
+    dirac_timeout_s: float = Field(default=120, gt=0, description="DIRAC: one call's time limit")
+    dirac_site: str = Field(default="BOINC.Airlock.org", description="DIRAC: the site the gateway is")
+    dirac_ce: str = Field(default="boinc.airlock.org", description="DIRAC: its computing element (GridCE)")
+    dirac_queue: str = Field(default="boinc", description="DIRAC: its queue")
+    dirac_resource: dict[str, str | int | float | list[str]] = Field(
+        default_factory=dict,
+        description="DIRAC: more of the resource description given to the Matcher (CPUTime, Tag, ...)",
+    )
+    dirac_owner_proxy_dir: Path | None = Field(
+        default=None, description="DIRAC: a folder of <owner>.proxy files (the owners' proxies)"
+    )
+    dirac_owner_proxy_command: str | None = Field(
+        default=None,
+        description="DIRAC: a command that prints the owner's proxy (PEM) on stdout; {owner}, {group} and "
+        "{dn} are replaced (shell-quoted)",
+    )
+    dirac_output_se: str | None = Field(
+        default=None, description="DIRAC: the SE for OutputData when the JDL names no OutputSE"
+    )
+    dirac_failure_policy: Literal["fail", "reschedule"] = Field(
+        default="fail",
+        description="DIRAC: a job whose attempts run out is reported Failed, or handed back to DIRAC",
+    )
+    dirac_max_input_bytes: int = Field(
+        default=100 * 10**6, ge=0, description="DIRAC: cap on a job's sandbox plus input data"
+    )
+    dirac_max_output_bytes: int = Field(default=10**9, ge=1, description="DIRAC: cap on each output file")
+    dirac_poll_interval_s: float = Field(
+        default=30, gt=0, description="DIRAC: period of the match, status and output loops when idle"
+    )
+    dirac_heartbeat_interval_s: float = Field(
+        default=300, ge=0, description="DIRAC: least time between two heartbeats of one job"
+    )
+    dirac_max_queued: int = Field(
+        default=50, ge=0, description="DIRAC: stop matching while this many DIRAC jobs wait for a volunteer"
+    )
+    dirac_match_per_pass: int = Field(default=10, ge=1, description="DIRAC: jobs matched per loop pass")
+    dirac_executables: list[str] = Field(
+        default_factory=lambda: ["/bin/sh", "/bin/bash", "sh", "bash", "python3", "/usr/bin/python3"],
+        description="DIRAC: Executables run as given (a .sh or .py from the input sandbox is also accepted)",
+    )
+    dirac_max_cores: int = Field(default=1, ge=1, description="DIRAC: most NumberOfProcessors accepted")
+    dirac_max_cpu_time: int = Field(default=7 * 86400, ge=1, description="DIRAC: most CPUTime accepted")
+    dirac_tags: list[str] = Field(default_factory=list, description="DIRAC: Tags the volunteers provide")
+    dirac_memory_mb: int = Field(default=2048, ge=16, description="DIRAC: memory asked of a volunteer")
+    dirac_disk_mb: int = Field(default=4096, ge=1, description="DIRAC: disk asked of a volunteer")
+    dirac_copies: int = Field(default=1, ge=1, le=16, description="DIRAC: tasks per job at once")
+    dirac_quorum: int = Field(default=1, ge=1, le=16, description="DIRAC: agreeing results needed")
+    dirac_max_attempts: int = Field(default=3, ge=1, le=100, description="DIRAC: tasks a job may use")
+    dirac_deadline_s: int = Field(default=86400, ge=10, description="DIRAC: report deadline of each task")
+    dirac_app: str | None = Field(
+        default=None, description="DIRAC: validator app of the jobs (None: default)"
+    )
+
     @field_validator("public_url")
     @classmethod
     def _strip(cls, v: str) -> str:
@@ -91,6 +160,10 @@ class Settings(BaseModel):
     def _storage_endpoint(self) -> Settings:
         if self.bridge == "xrootd" and not (self.storage_url or "").startswith("https://"):
             raise ValueError("bridge = 'xrootd' needs storage_url, the endpoint's https:// URL")
+        if self.upstream == "dirac" and self.dirac_dir is None and self.dirac_python is None:
+            raise ValueError("upstream = 'dirac' needs dirac_dir, or dirac_python (and dirac_env_file)")
+        if self.dirac_quorum > self.dirac_copies:
+            raise ValueError("dirac_quorum cannot exceed dirac_copies")
         return self
 
     # ---------------------------------------------------------------------------------------- derived
@@ -125,7 +198,12 @@ def _coerce_env(name: str, raw: str) -> Any:
     field = Settings.model_fields[name]
     if field.annotation is bool:
         return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if name in _JSON_ENV:  # lists and tables: JSON in the variable
+        return json.loads(raw)
     return raw
+
+
+_JSON_ENV = frozenset({"dirac_resource", "dirac_executables", "dirac_tags"})
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -1,4 +1,5 @@
-"""The background loops of a gateway process: lease expiry, validator, assimilator, janitor.
+"""The background loops of a gateway process: lease expiry, validator, assimilator, janitor, and with
+an upstream WMS (``upstream = "dirac"``) its job generator, status reporter and output hand-back.
 
 Each loop runs in its own thread and claims its work through the database, so several gateway
 processes may run them side by side.
@@ -17,6 +18,7 @@ from airlock.boinc.apps import boinc_dir
 from airlock.boinc.upload import sweep_staging
 from airlock.context import Gateway
 from airlock.scheduler.leases import expire_leases
+from airlock.upstream.registry import upstream_sync
 from airlock.validator.validate import validate_pending
 
 log = logging.getLogger("airlock.service")
@@ -63,6 +65,14 @@ class BackgroundLoops:
                 max(60.0, s.loop_interval_s),
             ),
         ]
+        sync = upstream_sync(gw)  # None for Airlock's own API: nothing to pull
+        if sync is not None:
+            every = s.dirac_poll_interval_s
+            self.loops += [
+                Loop("upstream-generator", sync.generate, every),
+                Loop("upstream-status", sync.monitor, every),
+                Loop("upstream-outputs", sync.finish, every),
+            ]
 
     def start(self) -> None:
         for loop in self.loops:

@@ -42,7 +42,20 @@ class FileState(StrEnum):
     DELETED = "deleted"  # a quarantine leftover removed by the janitor
 
 
-J, T, V, F = JobState, TaskState, VolunteerState, FileState
+class UpstreamJobState(StrEnum):
+    """A job pulled from an upstream WMS (DIRAC): how far the gateway got in taking it in and giving
+    its outcome back (`upstream_jobs`)."""
+
+    MATCHED = "matched"  # fetched and recorded; not yet an Airlock job
+    ACCEPTED = "accepted"  # inputs cached, Airlock job created; outcome not yet given back
+    REFUSED = "refused"  # Airlock cannot run it: reported Failed upstream with the reason
+    KILLED = "killed"  # killed upstream: the Airlock job was cancelled
+    DONE = "done"  # outputs uploaded and registered, then Done reported
+    FAILED = "failed"  # reported Failed upstream
+    RESCHEDULED = "rescheduled"  # handed back for the upstream to match again
+
+
+J, T, V, F, U = JobState, TaskState, VolunteerState, FileState, UpstreamJobState
 
 # target state -> states it may be entered from
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -71,6 +84,15 @@ VOLUNTEER_TRANSITIONS: dict[VolunteerState, frozenset[VolunteerState]] = {
 
 FILE_TRANSITIONS: dict[FileState, frozenset[FileState]] = {
     F.DELETED: frozenset({F.QUARANTINED}),
+}
+
+UPSTREAM_JOB_TRANSITIONS: dict[UpstreamJobState, frozenset[UpstreamJobState]] = {
+    U.ACCEPTED: frozenset({U.MATCHED}),
+    U.REFUSED: frozenset({U.MATCHED}),
+    U.KILLED: frozenset({U.ACCEPTED}),
+    U.DONE: frozenset({U.ACCEPTED}),
+    U.FAILED: frozenset({U.ACCEPTED}),
+    U.RESCHEDULED: frozenset({U.ACCEPTED}),
 }
 
 JOB_FINAL = frozenset({J.DONE, J.FAILED, J.CANCELLED})

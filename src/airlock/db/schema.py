@@ -223,3 +223,31 @@ events = Table(
     Column("detail", JSON),
 )
 Index("ix_events_object", events.c.object_type, events.c.object_id)
+
+# One job pulled from an upstream WMS (DIRAC), and how far the gateway got in taking it in and giving its
+# outcome back. A DIRAC job rescheduled and matched again is a new row (attempt + 1).
+upstream_jobs = Table(
+    "upstream_jobs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("upstream", String(32), nullable=False),
+    Column("ref", String(200), nullable=False),  # the upstream's job id
+    Column("attempt", Integer, nullable=False, server_default="1"),
+    # matched | accepted | refused | killed | done | failed | rescheduled
+    Column("state", String(16), nullable=False),
+    Column("owner", String(200)),
+    Column("owner_group", String(200)),
+    Column("description", JSON, nullable=False),  # the UpstreamJob as fetched (no credentials in it)
+    Column("batch_id", ForeignKey("batches.id")),
+    Column("job_id", ForeignKey("jobs.id")),
+    Column("reported", String(512)),  # the last status the upstream took: "Status|Minor|Application"
+    Column("sandbox_ref", String(1024)),  # the output sandbox, once uploaded
+    Column("registered", JSON),  # output files registered so far: [lfn]
+    Column("error", Text),  # the last failure talking to the upstream
+    Column("heartbeat_at", UTCDateTime()),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("upstream", "ref", "attempt", name="uq_upstream_jobs_ref"),
+)
+Index("ix_upstream_jobs_state", upstream_jobs.c.upstream, upstream_jobs.c.state)
+Index("ix_upstream_jobs_job", upstream_jobs.c.job_id)

@@ -30,10 +30,12 @@ from airlock.core.states import (
     FILE_TRANSITIONS,
     JOB_TRANSITIONS,
     TASK_TRANSITIONS,
+    UPSTREAM_JOB_TRANSITIONS,
     VOLUNTEER_TRANSITIONS,
     FileState,
     JobState,
     TaskState,
+    UpstreamJobState,
     VolunteerState,
 )
 from airlock.db import schema
@@ -45,8 +47,15 @@ _MACHINES: dict[str, tuple[Table, dict[Any, frozenset[Any]]]] = {
     "task": (schema.tasks, TASK_TRANSITIONS),
     "volunteer": (schema.volunteers, VOLUNTEER_TRANSITIONS),
     "file": (schema.files, FILE_TRANSITIONS),
+    "upstream_job": (schema.upstream_jobs, UPSTREAM_JOB_TRANSITIONS),
 }
-_ENTITY = {JobState: "job", TaskState: "task", VolunteerState: "volunteer", FileState: "file"}
+_ENTITY = {
+    JobState: "job",
+    TaskState: "task",
+    VolunteerState: "volunteer",
+    FileState: "file",
+    UpstreamJobState: "upstream_job",
+}
 _INSERT_EVENT = Fast(
     insert(schema.events).values(
         at=bindparam("at"),

@@ -127,11 +127,9 @@ def create_tasks(conn: Connection, job_id: int, n: int, actor: str, *, reason: s
         record_event(conn, actor, "task.created", "task", tid, {"job_id": job_id, "reason": reason})
 
 
-def cancel_job(conn: Connection, job_id: int, actor: str) -> bool:
+def cancel_job(conn: Connection, job_id: int, actor: str, reason: str = "cancelled by the operator") -> bool:
     """Cancel a job and abort its unfinished tasks (an agent learns of it at its next heartbeat)."""
-    if not transition(
-        conn, JobState.CANCELLED, job_id, actor, values=finish_values("cancelled by the operator")
-    ):
+    if not transition(conn, JobState.CANCELLED, job_id, actor, values=finish_values(reason)):
         return False
     t = schema.tasks
     for (tid,) in conn.execute(select(t.c.id).where(t.c.job_id == job_id, t.c.state.in_(IN_FLIGHT))).all():
