@@ -19,11 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from airlock.core.checksums import Digest, parse_digest_header
 from airlock.core.errors import BadInput, Conflict, Forbidden, Gone, NotFound, TooLarge, Unauthorized
 from airlock.core.schemas import UploadAccepted, check_file_name
-from airlock.core.states import FileState
+from airlock.core.states import FileState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.fast import Fast
 from airlock.db.transitions import record_event
 from airlock.scheduler.leases import lease_is_live
 from airlock.storage.base import AlreadyExists, Storage
@@ -52,8 +53,9 @@ def output_key(volunteer_id: int, task_id: int, name: str) -> str:
     return f"quarantine/{volunteer_id}/{task_id}/{name}"
 
 
-_TASK_FOR_UPLOAD = (
+_TASK_FOR_UPLOAD = Fast(
     select(
+        schema.volunteers.c.state.label("volunteer_state"),
         schema.tasks.c.state,
         schema.tasks.c.volunteer_id,
         schema.tasks.c.host_id,
@@ -63,6 +65,7 @@ _TASK_FOR_UPLOAD = (
         schema.jobs.c.spec,
     )
     .join(schema.jobs, schema.jobs.c.id == schema.tasks.c.job_id)
+    .outerjoin(schema.volunteers, schema.volunteers.c.id == bindparam("volunteer"))
     .where(schema.tasks.c.id == bindparam("task"))
 )
 
@@ -78,10 +81,14 @@ def authorise_upload(
     path = f"{quarantine_path(volunteer_id, task_id)}/{name}"
     if claims.volunteer_id != volunteer_id or not allows_create(claims, path):
         raise Forbidden(f"this token does not allow creating {path}")
-    require_active(conn, volunteer_id)
-    row = conn.execute(_TASK_FOR_UPLOAD, {"task": task_id}).one_or_none()
+    row = _TASK_FOR_UPLOAD.one_or_none(conn, {"task": task_id, "volunteer": volunteer_id})
     if row is None:
+        require_active(conn, volunteer_id)  # an unknown or blocked volunteer hears that first
         raise NotFound(f"no task {task_id}")
+    if row.volunteer_state is None:
+        raise Unauthorized("unknown volunteer")
+    if row.volunteer_state != VolunteerState.ACTIVE.value:
+        raise Forbidden("this volunteer account is blocked")
     if row.volunteer_id != volunteer_id:
         raise Forbidden(f"task {task_id} is not assigned to you")
     if not lease_is_live(row, utcnow()):
@@ -92,33 +99,50 @@ def authorise_upload(
     return UploadTarget(volunteer_id, task_id, name, row.job_id, row.host_id, declared[name])
 
 
+_F = schema.files
+_OUTPUT_COLUMNS = ("name", "size", "adler32", "sha256", "location", "job_id", "task_id", "volunteer_id")
+_OUTPUT_RECORDED = Fast(
+    select(_F.c.id).where(
+        _F.c.kind == "output", _F.c.task_id == bindparam("task_id"), _F.c.name == bindparam("name")
+    )
+)
+_INSERT_OUTPUT = Fast(
+    insert(_F)
+    .values(
+        kind="output",
+        state=FileState.QUARANTINED.value,
+        **{c: bindparam(c, type_=_F.c[c].type) for c in (*_OUTPUT_COLUMNS, "host_id", "created_at")},
+    )
+    .returning(_F.c.id)
+)
+_UPLOAD_RATE = Fast(
+    update(schema.hosts).where(schema.hosts.c.id == bindparam("host")).values(upload_rate=bindparam("rate"))
+)
+
+
 def record_upload(conn: Connection, target: UploadTarget, digest: Digest, rate: float | None) -> bool:
-    """Insert the quarantined file's row; False if this exact file was recorded before (a retry)."""
-    f = schema.files
-    try:
-        with conn.begin_nested():
-            fid = conn.execute(
-                insert(f)
-                .values(
-                    kind="output",
-                    state=FileState.QUARANTINED.value,
-                    name=target.name,
-                    size=digest.size,
-                    adler32=digest.adler32,
-                    sha256=digest.sha256,
-                    location=target.key,
-                    job_id=target.job_id,
-                    task_id=target.task_id,
-                    volunteer_id=target.volunteer_id,
-                    host_id=target.host_id,
-                    created_at=utcnow(),
-                )
-                .returning(f.c.id)
-            ).scalar_one()
-    except IntegrityError:
+    """Insert the quarantined file's row; False if this exact file was recorded before (a retry).
+    (Two transactions recording the same file at once, which only PostgreSQL allows, make the second
+    fail on the unique index: `receive_upload` takes that as a retry too.)"""
+    if _OUTPUT_RECORDED.scalar(conn, {"task_id": target.task_id, "name": target.name}) is not None:
         return False
+    fid = _INSERT_OUTPUT.scalar(
+        conn,
+        {
+            "name": target.name,
+            "size": digest.size,
+            "adler32": digest.adler32,
+            "sha256": digest.sha256,
+            "location": target.key,
+            "job_id": target.job_id,
+            "task_id": target.task_id,
+            "volunteer_id": target.volunteer_id,
+            "host_id": target.host_id,
+            "created_at": utcnow(),
+        },
+    )
     if rate is not None:
-        conn.execute(update(schema.hosts).where(schema.hosts.c.id == target.host_id).values(upload_rate=rate))
+        _UPLOAD_RATE.run(conn, {"host": target.host_id, "rate": rate})
     record_event(
         conn,
         f"host:{target.host_id}",
@@ -188,11 +212,16 @@ async def receive_upload(
                 raise Conflict(
                     f"{name} was already uploaded for task {task_id}; files in quarantine are immutable"
                 ) from None
-            with engine.begin() as conn:
-                record_upload(conn, target, digest, rate)  # the row may be missing if a crash came in between
+            _record(target, digest, rate)  # the row may be missing if a crash came in between
             return False
-        with engine.begin() as conn:
-            return record_upload(conn, target, digest, rate)
+        return _record(target, digest, rate)
+
+    def _record(target: UploadTarget, digest: Digest, rate: float | None) -> bool:
+        try:
+            with engine.begin() as conn:
+                return record_upload(conn, target, digest, rate)
+        except IntegrityError:  # recorded by a concurrent retry of the same upload (PostgreSQL)
+            return False
 
     # A local quarantine on SQLite publishes with a link(2) and no fsync (see `Gateway.open`): cheaper
     # on the event loop than a hand-off to a thread and back.

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, bindparam, insert
 
 from airlock.core.errors import Forbidden, Unauthorized
 from airlock.credentials.keys import SigningKey, load_signing_keys
 from airlock.db import schema
+from airlock.db.fast import Fast
 
 WLCG_VERSION = "1.0"
 COMPUTE_SCOPES = ("compute.read", "compute.modify", "compute.create")
@@ -192,14 +193,22 @@ def allows_create(claims: Claims, path: str) -> bool:
     return False
 
 
-_INSERT_CREDENTIAL = insert(schema.credentials)
+_C = schema.credentials
+_INSERT_CREDENTIAL = Fast(
+    insert(_C).values(
+        {
+            c: bindparam(c, type_=_C.c[c].type)
+            for c in ("jti", "kind", "volunteer_id", "task_id", "scope", "not_before", "not_after")
+        }
+    )
+)
 
 
 def record_credential(
     conn: Connection, issued: Issued, kind: str, volunteer_id: int, task_id: int | None = None
 ) -> None:
-    conn.execute(
-        _INSERT_CREDENTIAL,
+    _INSERT_CREDENTIAL.run(
+        conn,
         {
             "jti": issued.jti,
             "kind": kind,
