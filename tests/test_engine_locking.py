@@ -3,6 +3,7 @@ SQLite's sleeping busy handler: a writer waits while another process holds the l
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from airlock.db.engine import make_engine
+from airlock.db.engine import make_engine, writer_turn
 
 HOLD = """
 import sys, time
@@ -52,4 +53,80 @@ def test_a_writer_in_another_process_waits_for_the_lock_and_then_commits(tmp_pat
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT who FROM t ORDER BY at")).scalars().all()
     assert rows == ["holder", "waiter"]
+    engine.dispose()
+
+
+def test_an_event_loop_waits_for_another_process_s_turn_without_blocking(tmp_path: Path) -> None:
+    """The hot routes write on the event loop; while another process writes, the loop must go on
+    serving other requests (here: a ticker), then write as soon as the other process commits."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (who TEXT, at REAL)"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, url, "1.0"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "locked"
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.time())
+            await asyncio.sleep(0.01)
+
+    async def write() -> float:
+        async with writer_turn(engine):
+            with engine.begin() as conn:  # the turn is already ours: no wait on the loop
+                at = time.time()
+                conn.execute(text("INSERT INTO t (who, at) VALUES ('loop', :at)"), {"at": at})
+        return at
+
+    async def main() -> float:
+        tick = asyncio.create_task(ticker())
+        try:
+            return await write()
+        finally:
+            tick.cancel()
+
+    wrote_at = asyncio.run(main())
+    released = float(holder.stdout.readline())
+    assert holder.wait(timeout=10) == 0
+    assert wrote_at >= released  # it waited for the other process's commit
+    during = [t for t in ticks if t < released]
+    assert len(during) >= 20, f"the event loop was blocked while it waited: {len(during)} ticks in 1 s"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT who FROM t ORDER BY at")).scalars().all() == ["holder", "loop"]
+    engine.dispose()
+
+
+def test_a_reserved_turn_is_used_by_the_loop_thread_s_next_write_and_given_back_if_unused(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (n INTEGER)"))
+    lock_file = tmp_path / "db.sqlite-writer.lock"
+
+    def other_process_can_lock() -> bool:
+        fd = os.open(lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    async def main() -> None:
+        async with writer_turn(engine):
+            assert not other_process_can_lock()  # reserved for this loop
+        assert other_process_can_lock()  # unused, so given back at the end of the block
+        async with writer_turn(engine):
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO t VALUES (1)"))
+            assert other_process_can_lock()  # released at commit, before the block ends
+
+    asyncio.run(main())
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
     engine.dispose()

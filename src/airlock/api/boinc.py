@@ -16,7 +16,12 @@ from fastapi.responses import FileResponse, HTMLResponse
 from airlock.api.deps import GatewayDep
 from airlock.boinc import pages
 from airlock.boinc.project import BoincProject
-from airlock.boinc.protocol import MAX_REQUEST_BYTES, BoincProtocolError, parse_scheduler_request
+from airlock.boinc.protocol import (
+    MAX_REQUEST_BYTES,
+    BoincProtocolError,
+    SchedulerRequest,
+    parse_scheduler_request,
+)
 from airlock.boinc.reply import Message, SchedulerReply, render_reply
 from airlock.boinc.scheduler import Rpc, handle_request
 from airlock.boinc.upload import UploadHandler
@@ -45,24 +50,33 @@ async def master(gw: GatewayDep) -> HTMLResponse:
     return HTMLResponse(pages.master_page(project(gw)))
 
 
-def rpc_reply(gw: Gateway, body: bytes | None) -> bytes:
-    """The scheduler reply to one request body (None: the body was over the size limit). A request we
-    cannot serve still gets a scheduler reply, with a message the client shows the volunteer and a
-    delay before it asks again."""
-    p = project(gw)
+def parse_rpc(gw: Gateway, body: bytes | None) -> SchedulerRequest | bytes:
+    """The scheduler request in a body (None: the body was over the size limit), or, when it is not
+    one, the whole reply: a request we cannot serve still gets a scheduler reply, with a message the
+    client shows the volunteer and a delay before it asks again."""
     try:
         if body is None:
             raise BoincProtocolError(f"the scheduler request is over {MAX_REQUEST_BYTES} bytes")
-        req = parse_scheduler_request(body)
+        return parse_scheduler_request(body)
     except BoincProtocolError as exc:
         reply = SchedulerReply(
             gw.settings.boinc_project_name,
-            p.master_url,
+            project(gw).master_url,
             request_delay=BAD_REQUEST_DELAY_S,
             messages=[Message(f"Scheduler request refused: {exc}", "high")],
         )
         return render_reply(reply)
-    return render_reply(handle_request(gw.engine, Rpc(p, gw.issuer, gw.inputs), req))
+
+
+def answer_rpc(gw: Gateway, req: SchedulerRequest) -> bytes:
+    """The scheduler reply to a request: its one transaction, then the XML."""
+    return render_reply(handle_request(gw.engine, Rpc(project(gw), gw.issuer, gw.inputs), req))
+
+
+def rpc_reply(gw: Gateway, body: bytes | None) -> bytes:
+    """The scheduler reply to one request body (see `parse_rpc`)."""
+    req = parse_rpc(gw, body)
+    return req if isinstance(req, bytes) else answer_rpc(gw, req)
 
 
 async def _body(request: Request, limit: int) -> bytes | None:

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from airlock.api import errors
-from airlock.api.boinc import XML, rpc_reply
+from airlock.api.boinc import XML, answer_rpc, parse_rpc
 from airlock.api.volunteer import heartbeat_for, report_for, work_for
 from airlock.boinc.protocol import MAX_REQUEST_BYTES
 from airlock.bridge.quarantine import receive_upload
@@ -34,6 +34,7 @@ from airlock.context import Gateway
 from airlock.core.errors import TooLarge
 from airlock.core.schemas import INT32, Heartbeat, TaskReport, WorkRequest
 from airlock.credentials.tokens import Claims, require_compute
+from airlock.db.engine import writer_turn
 
 log = logging.getLogger("airlock.api")
 SCHEDULER_PATH = "/boinc/cgi"
@@ -140,7 +141,13 @@ class HotRoutes:
     async def _scheduler(self, receive: Receive, send: Send) -> None:
         body = await read_body(receive, MAX_REQUEST_BYTES)
         try:
-            reply, status, kind = rpc_reply(self.gw, body), 200, XML
+            req = parse_rpc(self.gw, body)
+            if isinstance(req, bytes):
+                reply = req
+            else:
+                async with writer_turn(self.gw.engine):
+                    reply = answer_rpc(self.gw, req)
+            status, kind = 200, XML
         except Exception:
             log.exception("scheduler RPC failed")
             reply, status, kind = b"scheduler error; try again later\n", 500, "text/plain"
@@ -172,7 +179,8 @@ class HotRoutes:
             except ValidationError as exc:
                 await respond_error(send, errors.for_validation(exc.errors(), in_body=True))
                 return
-            reply = call(who, request)
+            async with writer_turn(self.gw.engine):
+                reply = call(who, request)
         except Exception as exc:
             await self._fail(send, exc)
             return

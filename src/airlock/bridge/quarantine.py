@@ -23,7 +23,7 @@ from airlock.core.states import FileState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
-from airlock.db.engine import read, utcnow
+from airlock.db.engine import read, utcnow, writer_turn
 from airlock.db.fast import Fast
 from airlock.db.transitions import record_event
 from airlock.scheduler.leases import lease_is_live
@@ -225,7 +225,11 @@ async def receive_upload(
 
     # A local quarantine on SQLite publishes with a link(2) and no fsync (see `Gateway.open`): cheaper
     # on the event loop than a hand-off to a thread and back.
-    created = await run_in_threadpool(_publish) if pending.blocking else _publish()
+    if pending.blocking:
+        created = await run_in_threadpool(_publish)
+    else:
+        async with writer_turn(engine):
+            created = _publish()
     receipt = UploadAccepted(
         path=f"/{target.key}", size=digest.size, adler32=digest.adler32, sha256=digest.sha256
     )

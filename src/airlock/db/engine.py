@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.pool import QueuePool
 
 READ_ONLY = "airlock_read_only"
@@ -19,6 +23,7 @@ WRITE_LOCK_TIMEOUT_S = 30.0
 CHECKPOINT_INTERVAL_S = 0.5
 # Backstop only: the checkpointer thread keeps the WAL far below this many pages.
 WAL_AUTOCHECKPOINT_PAGES = 8000
+MMAP_BYTES = 1 << 30
 
 
 def utcnow() -> datetime:
@@ -29,49 +34,165 @@ def is_sqlite(engine: Engine | Connection) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-class _WriterConnection(sqlite3.Connection):
-    """A sqlite3 connection whose write transactions queue on a lock before SQLite's own.
+class WriterGate:
+    """The turn to write to one SQLite database, for every connection and thread of this process, and
+    across processes.
 
     SQLite admits one writer; connections that collide on its lock are put to sleep by the busy handler
-    in steps of up to 100 ms, which ruins latency and leaves CPUs idle under load. So writers queue first
-    on an in-process lock and then on an exclusive flock(2) of `<database>-writer.lock`, shared by every
-    gateway process on this database: the kernel hands that lock over the moment it is released. The busy
-    handler is left for anything else that writes to the file.
+    in steps of up to 100 ms, which ruins latency and leaves CPUs idle under load. So writers queue here
+    first: inside the process on a condition, then on an exclusive flock(2) of `<database>-writer.lock`,
+    shared by every gateway process on this database, which the kernel hands over the moment it is
+    released. The busy handler is left for anything else that writes to the file.
+
+    An event loop must not wait for another process's turn: that stops every request it is serving.
+    `reserve()` lets it wait in a helper thread instead: the turn is then held for the loop's thread,
+    and the next write transaction begun on that thread uses it (`begin()` on the loop thread takes a
+    held reservation rather than waiting, so it can never wait for a turn that only it could use).
     """
 
-    write_lock: threading.Lock  # set per engine on a subclass
-    holds_lock = False
-
-    def __init__(self, database: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(database, *args, **kwargs)
-        path = os.fsdecode(database)
-        memory = path == ":memory:" or path.startswith("file:") or not path
-        # This connection's own open file of the lock (flock locks belong to an open file, and the
-        # in-process queue above makes sure two connections of this process never wait on each other).
-        self.lock_fd: int | None = (
-            None if memory else os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def __init__(self, path: str | None) -> None:
+        self._cond = threading.Condition()
+        self._state = "free"  # free | locking (someone waits for the flock) | held | reserved
+        self._for: int | None = None  # the thread the turn is held or reserved for
+        self._path = path
+        self._fd: int | None = None  # opened by the first writer, closed when the engine is disposed
+        self._waiter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
         )
 
-    def begin_write(self) -> None:
-        if not self.write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT_S):
-            raise sqlite3.OperationalError("database is locked (waited for the in-process writer queue)")
-        self.holds_lock = True
+    def begin(self, timeout: float = WRITE_LOCK_TIMEOUT_S) -> None:
+        """Take the turn for the calling thread (blocking)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._state == "reserved" and self._for == me:
+                    self._state = "held"
+                    return
+                if self._state == "free":
+                    self._state, self._for = "locking", me
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise sqlite3.OperationalError("database is locked (waited for this process's writers)")
+                self._cond.wait(left)
+        self._flock("held", me, blocking=True)
+
+    def end(self) -> None:
+        """Give the turn back (at commit or rollback)."""
+        with self._cond:
+            if self._state != "held":
+                return
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._state, self._for = "free", None
+            self._cond.notify_all()
+
+    def _flock(self, state: str, owner: int, *, blocking: bool) -> bool:
+        """With the in-process turn taken ("locking"), take the flock; the turn becomes `state`."""
         try:
-            if self.lock_fd is not None:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+            if self._path is not None:
+                if self._fd is None:  # only the one thread in "locking" gets here
+                    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                    self._fd = os.open(f"{self._path}-writer.lock", flags, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with self._cond:
+                self._state, self._for = "free", None
+                self._cond.notify_all()
+            return False
+        except BaseException:
+            with self._cond:
+                self._state, self._for = "free", None
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._state, self._for = state, owner
+            self._cond.notify_all()
+        return True
+
+    def _try_reserve(self, owner: int) -> bool:
+        with self._cond:
+            if self._state == "reserved" and self._for == owner:
+                return True
+            if self._state != "free":
+                return False
+            self._state, self._for = "locking", owner
+        return self._flock("reserved", owner, blocking=False)
+
+    def _reserve_blocking(self, owner: int) -> None:
+        with self._cond:
+            while not (self._state == "free" or (self._state == "reserved" and self._for == owner)):
+                self._cond.wait()
+            if self._state == "reserved":
+                return
+            self._state, self._for = "locking", owner
+        self._flock("reserved", owner, blocking=True)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """For a coroutine about to write synchronously on the event loop: wait for the turn without
+        blocking the loop (in a helper thread, when it is taken), then run the write inside this block.
+        Coroutines of one loop take their turns one after the other."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = asyncio.Lock()
+        async with queue:
+            me = threading.get_ident()
+            if not self._try_reserve(me):
+                if self._waiter is None:
+                    self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="airlock-turn")
+                waiting = loop.run_in_executor(self._waiter, self._reserve_blocking, me)
+                try:
+                    await asyncio.shield(waiting)
+                except asyncio.CancelledError:  # the turn may still come: give it back on the loop then
+                    waiting.add_done_callback(lambda _: loop.call_soon_threadsafe(self.unreserve))
+                    raise
+            try:
+                yield
+            finally:
+                self.unreserve()
+
+    def unreserve(self) -> None:
+        """Give back a reservation of the calling thread that no transaction used."""
+        with self._cond:
+            if self._state != "reserved" or self._for != threading.get_ident():
+                return
+            self._state = "held"
+        self.end()
+
+    def close(self) -> None:
+        """Close the lock file while nobody holds the turn (a later writer opens it again)."""
+        with self._cond:
+            if self._state == "free" and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
+            self._waiter = None
+
+
+class _WriterConnection(sqlite3.Connection):
+    """A sqlite3 connection whose write transactions take the engine's `WriterGate` before SQLite's lock."""
+
+    gate: WriterGate  # set per engine on a subclass
+    holds_turn = False
+
+    def begin_write(self) -> None:
+        self.gate.begin()
+        self.holds_turn = True
+        try:
             self.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._release()
             raise
 
     def _release(self) -> None:
-        if self.holds_lock:
-            self.holds_lock = False
-            try:
-                if self.lock_fd is not None:
-                    fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-            finally:
-                self.write_lock.release()
+        if self.holds_turn:
+            self.holds_turn = False
+            self.gate.end()
 
     def commit(self) -> None:
         try:
@@ -90,9 +211,6 @@ class _WriterConnection(sqlite3.Connection):
             super().close()
         finally:
             self._release()
-            if self.lock_fd is not None:
-                os.close(self.lock_fd)
-                self.lock_fd = None
 
 
 class _Checkpointer(threading.Thread):
@@ -124,19 +242,34 @@ class _Checkpointer(threading.Thread):
                 conn.close()
 
 
+_gates: weakref.WeakKeyDictionary[Engine, WriterGate] = weakref.WeakKeyDictionary()
+
+
+def writer_gate(engine: Engine) -> WriterGate | None:
+    """The engine's writer gate (SQLite), or None (PostgreSQL: writers do not queue)."""
+    return _gates.get(engine)
+
+
+def writer_turn(engine: Engine) -> contextlib.AbstractAsyncContextManager[None]:
+    """`async with writer_turn(engine):` around a write transaction run on the event loop: on SQLite the
+    loop waits for the writer turn without blocking (`WriterGate.turn`); on PostgreSQL it does nothing."""
+    gate = writer_gate(engine)
+    return gate.turn() if gate is not None else contextlib.nullcontext()
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
-        factory = type(
-            "WriterConnection",
-            (_WriterConnection,),
-            {"write_lock": threading.Lock()},
-        )
+        database = make_url(url).database or ""
+        file_db = database not in ("", ":memory:") and not database.startswith("file:")
+        gate = WriterGate(os.path.abspath(database) if file_db else None)
+        factory = type("WriterConnection", (_WriterConnection,), {"gate": gate})
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30, "factory": factory},
             poolclass=QueuePool,
             pool_size=8,
             max_overflow=32,
+            pool_use_lifo=True,  # the connection used last has the warmest page cache
             **kwargs,
         )
 
@@ -150,6 +283,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            # Pages read through a shared mapping: when another connection or process has written,
+            # SQLite drops this connection's page cache, and reading it back from the mapping costs
+            # no system call and no copy.
+            cur.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -161,13 +298,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             else:
                 conn.connection.driver_connection.begin_write()  # type: ignore[union-attr]
 
-        database = engine.url.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            checkpointer = _Checkpointer(os.path.abspath(database))
+        _gates[engine] = gate
+        checkpointer = _Checkpointer(os.path.abspath(database)) if file_db else None
+        if checkpointer is not None:
             checkpointer.start()
 
-            @event.listens_for(engine, "engine_disposed")
-            def _stop(_engine: Engine) -> None:
+        @event.listens_for(engine, "engine_disposed")
+        def _stop(_engine: Engine) -> None:
+            gate.close()
+            if checkpointer is not None:
                 checkpointer.stopped.set()
 
         return engine
