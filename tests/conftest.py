@@ -18,6 +18,10 @@ from airlock.db.migrate import upgrade
 
 from .helpers import OPERATOR_TOKEN, Api
 
+# The session's DIRAC server and its client (`dirac_server`, `dirac_client`), registered once for the
+# whole suite: a module that imported them would make its own session fixture and a second server.
+pytest_plugins = ["tests.dirac_fixture"]
+
 PG_ADMIN = os.environ.get("AIRLOCK_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

@@ -11,19 +11,29 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from airlock.upstream.dirac_client import DiracClient, DiracError, DiracTimeout, MatchedJob
 
-from . import dirac_fixture
-from .dirac_fixture import DiracServer
+if TYPE_CHECKING:  # the fixtures come from tests/dirac_fixture.py, a plugin of tests/conftest.py
+    from .dirac_fixture import DiracServer
 
-# the session's DIRAC server and the gateway's client of it (fixtures of tests/dirac_fixture.py)
-dirac_server = dirac_fixture.dirac_server
-dirac_client = dirac_fixture.dirac_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def submit_jdl(server: DiracServer, workdir: Path, body: str) -> int:
+    """alice submits the JDL ``[ body ]`` with an input sandbox of run.sh (and in.txt)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "in.txt").write_text("input\n")
+    (workdir / "run.sh").write_text('#!/bin/sh\necho "$1"\n')
+    (workdir / "job.jdl").write_text("[\n  " + body + "]\n")
+    res = server.run(["dirac-wms-job-submit", "job.jdl"], cwd=workdir)
+    m = re.search(r"JobID\s*=\s*(\d+)", res.stdout)
+    assert m, f"no JobID in dirac-wms-job-submit output:\n{res.stdout}\n{res.stderr}"
+    return int(m.group(1))
 
 
 def submit(server: DiracServer, workdir: Path, name: str, *, arguments: str = "run.sh 42") -> int:
@@ -122,6 +132,85 @@ def test_match_gives_the_job_once_with_its_jdl_and_sandbox(
     assert status(dirac_server, job_id)["Status"] == "Failed"
 
 
+def test_match_passes_requirements_and_redirections_parsed_by_dirac(
+    dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
+) -> None:
+    """NumberOfProcessors, Tags/Tag, StdOutput, StdError (and Platform) come parsed from the JDL, with the
+    tags DIRAC's optimizers add; nothing needs a second look at the raw JDL text."""
+    job_id = submit_jdl(
+        dirac_server,
+        tmp_path / "job",
+        'JobName = "airlock-reqs";\n  Executable = "/bin/sh";\n  Arguments = "run.sh 1";\n'
+        '  InputSandbox = {"run.sh"};\n  OutputSandbox = {"o.log", "e.log"};\n'
+        '  StdOutput = "o.log";\n  StdError = "e.log";\n  NumberOfProcessors = 2;\n'
+        '  Tags = {"GPU", "SSD"};\n  CPUTime = 600;\n',
+    )
+    wait_status(dirac_server, job_id, "Waiting")
+    # a resource offering what the job asks for (the gateway's default resource does not)
+    job = dirac_client.match(
+        {"Tag": ["GPU", "SSD", "2Processors", "MultiProcessor"], "NumberOfProcessors": 4}
+    )
+    assert job is not None and job.job_id == job_id
+    assert job.number_of_processors == 2 and job.max_number_of_processors is None
+    assert {"GPU", "SSD"} <= set(job.tags) <= {"GPU", "SSD", "2Processors", "MultiProcessor"}
+    assert (job.std_output, job.std_error, job.platform) == ("o.log", "e.log", None)
+    dirac_client.set_status(job_id, "Failed", "Airlock test: not run")
+
+    # Platform needs OS compatibility data this DIRAC lacks to be submitted: parse a JDL holding it
+    fields = dirac_client.parse_jdl(
+        '[ Executable = "/bin/sh"; Platform = "x86_64-el9"; Tag = "SSD"; MaxNumberOfProcessors = 4;'
+        ' NumberOfProcessors = "many"; CPUTime = 100; ]'
+    )
+    assert fields["Platform"] == "x86_64-el9" and fields["Tag"] == ["SSD"]
+    assert fields["MaxNumberOfProcessors"] == 4 and fields["NumberOfProcessors"] == "many"
+    assert fields["CPUTime"] == 100 and fields["Tags"] == []
+
+
+def test_input_sizes_before_download(
+    dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
+) -> None:
+    """The size of a job's input sandbox (its packed archive) and of an LFN, with nothing downloaded."""
+    job_id = submit(dirac_server, tmp_path / "job", "airlock-sizes")
+    wait_status(dirac_server, job_id, "Waiting")
+    job = match_own(dirac_client, job_id)
+    (pfn,) = job.input_sandbox_pfns
+    lfn = f"/airlock/user/a/alice/airlock-test/{int(time.time() * 1000)}/input.dat"
+    src = tmp_path / "input.dat"
+    src.write_bytes(b"0123456789" * 1234)
+    dirac_client.put_and_register(lfn, src, dirac_server.se)
+    missing = "/airlock/no/such/input.dat"
+
+    found = dirac_client.input_sizes([pfn], [lfn, missing])
+    packed = found.sizes[pfn]
+    assert packed is not None and 100 < packed < 10_000  # a small tar.bz2 of in.txt + run.sh
+    assert found.how[pfn] in ("SandboxMetadataDB", "StorageElement")
+    assert found.sizes[lfn] == 12340 and found.how[lfn] == "FileCatalog"
+    assert found.sizes[missing] is None and missing in found.errors
+    assert found.known_total == packed + 12340 and found.unknown == (missing,)
+    dirac_client.set_status(job_id, "Failed", "Airlock test: not run")
+
+
+def test_long_status_texts_are_cut_to_dirac_s_columns(
+    dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
+) -> None:
+    """MinorStatus is VARCHAR(128), ApplicationStatus VARCHAR(255): longer texts would make MySQL refuse
+    the update (error 1406); the worker cuts them (first N-3 characters and "...")."""
+    job_id = submit(dirac_server, tmp_path / "job", "airlock-long")
+    wait_status(dirac_server, job_id, "Waiting")
+    match_own(dirac_client, job_id)
+    minor, app = "Airlock: " + "m" * 300, "a" * 400
+    # straight to the worker too: no caller can get past the rule
+    raw = dirac_client.call(
+        "set_status", {"job_id": job_id, "status": "Running", "minor": minor, "application": app}
+    )
+    assert raw["MinorStatus"] == minor[:125] + "..." and raw["ApplicationStatus"] == app[:252] + "..."
+    st = dirac_client.set_status(job_id, "Failed", "Airlock: " + "r" * 200, application="b" * 256)
+    assert st.minor_status == ("Airlock: " + "r" * 200)[:125] + "..." and len(st.minor_status or "") == 128
+    assert st.application_status == "b" * 252 + "..."
+    seen = status(dirac_server, job_id)
+    assert seen["Status"] == "Failed" and seen["MinorStatus"] == st.minor_status
+
+
 def test_statuses_heartbeat_and_output_sandbox_seen_by_alice(
     dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
 ) -> None:
@@ -141,6 +230,7 @@ def test_statuses_heartbeat_and_output_sandbox_seen_by_alice(
     dirac_client.set_status(job_id, "Completing", "Uploading Output Sandbox")
     assert status(dirac_server, job_id)["Status"] == "Completing"
 
+    assert dirac_client.output_sandboxes(job_id, owner_proxy=dirac_server.alice_proxy) == []
     out = tmp_path / "out"
     out.mkdir()
     (out / "result.txt").write_text("42\n")
@@ -150,6 +240,9 @@ def test_statuses_heartbeat_and_output_sandbox_seen_by_alice(
     )
     assert pfn.startswith("SB:ProductionSandboxSE|")
     assert "alice" in pfn  # stored under the owner's name: uploaded with alice's proxy
+    # the job's Output sandboxes, as alice sees them (and the gateway, a JobAdministrator)
+    assert dirac_client.output_sandboxes(job_id, owner_proxy=dirac_server.alice_proxy) == [pfn]
+    assert dirac_client.output_sandboxes(job_id) == [pfn]
 
     st = dirac_client.set_status(job_id, "Done", "Execution Complete", application="exit 0")
     assert (st.status, st.minor_status, st.application_status) == ("Done", "Execution Complete", "exit 0")

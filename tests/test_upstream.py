@@ -18,7 +18,7 @@ from airlock.db import schema
 from airlock.db.engine import read
 from airlock.upstream.base import OutputFile, Upstream, UpstreamError, UpstreamJob, UpstreamStatus
 from airlock.upstream.dirac_client import MatchedJob
-from airlock.upstream.jdl import jdl_attributes, output_lfn, translate
+from airlock.upstream.jdl import output_lfn, translate
 from airlock.upstream.local import LocalUpstream
 from airlock.upstream.registry import set_upstream_sync
 from airlock.upstream.sync import UpstreamSync, trace, upstream_of_job
@@ -111,8 +111,12 @@ def test_lfns_follow_dirac_conventions() -> None:
     [
         ({"Executable": "$DIRACROOT/scripts/dirac-jobexec"}, "", "unknown executable"),
         ({"Executable": "evil.bin"}, "", "unknown executable"),
-        ({}, "  NumberOfProcessors = 8;\n", "NumberOfProcessors 8"),
-        ({}, '  Tags = {"GPU"};\n', "unsupported requirement: Tags GPU"),
+        ({"NumberOfProcessors": 8}, "", "NumberOfProcessors 8"),
+        ({"MinNumberOfProcessors": 4, "MaxNumberOfProcessors": 8}, "", "MinNumberOfProcessors 4"),
+        ({"NumberOfProcessors": "many"}, "", "NumberOfProcessors -1"),
+        ({"Tags": ["GPU"]}, "", "unsupported requirement: Tags GPU"),
+        ({"Tag": ["WholeNode"]}, "", "unsupported requirement: Tags WholeNode"),
+        ({"CPUTime": "a week"}, "", "CPUTime -1"),
         ({"CPUTime": 10**9}, "", "CPUTime"),
         ({"OutputSandbox": ["*.log"]}, "", "pattern"),
         ({"OutputData": ["r.txt"], "OutputSE": []}, "", "OutputData without an OutputSE"),
@@ -128,15 +132,40 @@ def test_jdl_airlock_cannot_run_is_refused_with_a_reason(
     assert job.problem is not None and reason in job.problem, job.problem
 
 
-def test_jdl_attributes_reads_what_the_worker_leaves_out() -> None:
-    attrs = jdl_attributes('[\n  NumberOfProcessors = 2;\n  Tags = {"a", "b"};\n  StdOutput = "o.log";\n]')
-    assert attrs["NumberOfProcessors"] == 2 and attrs["Tags"] == ["a", "b"] and attrs["StdOutput"] == "o.log"
+def test_requirements_come_from_the_worker_s_parsed_fields_not_the_raw_jdl() -> None:
+    """The worker parses the JDL with DIRAC's ClassAd and passes NumberOfProcessors, Tags/Tag, StdOutput,
+    StdError, Platform; the translation reads those, and nothing of the raw JDL text."""
+    m = matched(
+        '  NumberOfProcessors = 64;\n  Tags = {"GPU"};\n  StdOutput = "ignored.log";\n',
+        NumberOfProcessors=1,
+        Tags=["1Processors"],
+        Tag=[],
+        StdOutput="o.log",
+        StdError="e.log",
+        OutputSandbox=["result.txt", "o.log", "e.log"],
+        Platform="x86_64-el9",
+    )
+    assert (m.number_of_processors, m.tags, m.std_output, m.std_error, m.platform) == (
+        1,
+        ("1Processors",),
+        "o.log",
+        "e.log",
+        "x86_64-el9",
+    )
+    job = translate(m, SETTINGS)
+    assert job.problem is None, job.problem
+    assert job.cores == 1 and job.extra["platform"] == "x86_64-el9"
+    assert job.command[:3] == ("/bin/sh", "-c", 'exec "$@" >o.log 2>e.log')
 
 
 def test_operator_settings_widen_what_is_accepted() -> None:
     s = load_settings(data_dir=Path("/x"), dirac_tags=["GPU"], dirac_max_cores=8, dirac_output_se="SE-2")
-    job = translate(matched('  NumberOfProcessors = 8;\n  Tags = {"GPU"};\n', OutputSE=[]), s)
+    # DIRAC's JobScheduling optimizer adds "8Processors" and "MultiProcessor" to a job's Tags
+    fields = {"NumberOfProcessors": 8, "Tags": ["8Processors", "MultiProcessor", "GPU"], "OutputSE": []}
+    job = translate(matched(**fields), s)
     assert job.problem is None and job.cores == 8 and job.output_data[0].se == "SE-2"
+    ranged = translate(matched(MinNumberOfProcessors=2, MaxNumberOfProcessors=16, Tag=["MultiProcessor"]), s)
+    assert ranged.problem is None and ranged.cores == 2
 
 
 def test_default_settings_keep_airlock_own_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,6 +209,9 @@ class FakeUpstream:
     rescheduled: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     fail_once: set[str] = field(default_factory=set)
+    crash_after: set[str] = field(default_factory=set)  # the op takes effect, then "the gateway dies"
+    sizes_known: bool = True  # whether input_sizes can tell (else the downloaded bytes are checked)
+    uploaded: dict[str, list[str]] = field(default_factory=dict)  # output sandbox refs held per job
     name: str = "dirac"
 
     def _op(self, op: str) -> None:
@@ -191,6 +223,21 @@ class FakeUpstream:
     def fetch_job(self) -> UpstreamJob | None:
         self._op("fetch_job")
         return self.jobs.pop(0) if self.jobs else None
+
+    def _crash(self, op: str) -> None:
+        if op in self.crash_after:
+            self.crash_after.discard(op)
+            raise UpstreamError(f"crash after {op} (injected)")
+
+    def input_sizes(self, job: UpstreamJob) -> Mapping[str, int | None]:
+        self._op("input_sizes")
+        total = sum(len(d) for d in self.inputs.get(job.ref, {}).values())
+        # the fake's job has one input reference (its sandbox), holding all its files
+        return {ref: (total if self.sizes_known and i == 0 else None) for i, ref in enumerate(job.inputs)}
+
+    def output_sandboxes(self, job: UpstreamJob) -> Sequence[str]:
+        self._op("output_sandboxes")
+        return list(self.uploaded.get(job.ref, []))
 
     def download_inputs(self, job: UpstreamJob, dest: Path) -> list[Path]:
         self._op("download_inputs")
@@ -213,7 +260,10 @@ class FakeUpstream:
     def upload_output_sandbox(self, job: UpstreamJob, files: Sequence[Path]) -> str | None:
         self._op("upload_output_sandbox")
         self.sandboxes.setdefault(job.ref, []).extend((f.name, f.read_bytes()) for f in files)
-        return f"SB:fake|{job.ref}"
+        held = self.uploaded.setdefault(job.ref, [])
+        held.append(f"SB:fake|{job.ref}/{len(held) + 1}")  # no dedupe: every upload is a new sandbox
+        self._crash("upload_output_sandbox")
+        return held[-1]
 
     def output_registered(self, job: UpstreamJob, output: OutputFile) -> bool:
         return output.lfn in self.catalog
@@ -356,9 +406,67 @@ def test_unrunnable_and_oversized_jobs_are_refused_and_nothing_is_created(
     api.loops()
     assert fake.last("103").status == "Failed"
     assert fake.last("103").minor.startswith("Airlock: unknown executable 'evil.bin'")
-    assert fake.last("104").minor.startswith("Airlock: inputs too large for volunteers")
+    assert fake.last("104").minor.startswith("Airlock: inputs too large for volunteers' links")
+    assert "(before download)" in fake.last("104").minor
     assert row_of(api, "103").state == "refused" and row_of(api, "104").state == "refused"
     assert api.count(schema.jobs) == before
+    # refused from the sizes the upstream gave: nothing was downloaded
+    assert "input_sizes" in fake.calls and "download_inputs" not in fake.calls
+    assert fake.params["104"]["AirlockRefusal"].startswith("inputs too large")
+
+
+def test_inputs_of_unknown_size_are_checked_once_downloaded(api: Api, fake: FakeUpstream) -> None:
+    fake.sizes_known = False  # e.g. a sandbox SE that cannot tell: the downloaded bytes are the backstop
+    give(fake, "112")
+    fake.inputs["112"]["big.dat"] = b"x" * 1000
+    api.gw.settings = api.gw.settings.model_copy(update={"dirac_max_input_bytes": 500})
+    before = api.count(schema.jobs)
+    api.loops()
+    assert fake.calls.index("input_sizes") < fake.calls.index("download_inputs")
+    assert fake.last("112").minor.startswith("Airlock: inputs too large for volunteers' links")
+    assert "(as downloaded)" in fake.last("112").minor
+    assert row_of(api, "112").state == "refused" and api.count(schema.jobs) == before
+
+
+def test_inputs_that_fit_are_downloaded_once(api: Api, fake: FakeUpstream) -> None:
+    give(fake, "113")
+    api.gw.settings = api.gw.settings.model_copy(update={"dirac_max_input_bytes": 1000})
+    api.loops()
+    assert row_of(api, "113").state == "accepted"
+    assert fake.calls.count("input_sizes") == 1 and fake.calls.count("download_inputs") == 1
+
+
+def test_a_crash_right_after_the_sandbox_upload_does_not_upload_a_second(
+    api: Api, fake: FakeUpstream
+) -> None:
+    """The upload went through but the gateway died before recording ``sandbox_ref``: the redo finds the
+    sandbox the upstream now holds (the fake does not dedupe: a second upload would be a second one)."""
+    give(fake, "114")
+    fake.uploaded["114"] = ["SB:fake|from-an-earlier-pilot"]  # the job had one before Airlock took it
+    api.loops()
+    fake.crash_after.add("upload_output_sandbox")
+    run_volunteer(api)
+    api.settle()
+    api.settle()
+    assert fake.last("114").status == "Done"
+    assert fake.calls.count("upload_output_sandbox") == 1
+    assert fake.uploaded["114"] == ["SB:fake|from-an-earlier-pilot", "SB:fake|114/2"]
+    row = row_of(api, "114")
+    assert row.state == "done" and row.sandbox_ref == "SB:fake|114/2"  # ours, not the earlier one
+
+
+def test_an_upload_that_failed_before_taking_effect_is_made_again(api: Api, fake: FakeUpstream) -> None:
+    give(fake, "115")
+    fake.uploaded["115"] = ["SB:fake|from-an-earlier-pilot"]
+    api.loops()
+    fake.fail_once.add("upload_output_sandbox")  # refused before anything was stored
+    run_volunteer(api)
+    api.settle()
+    api.settle()
+    assert fake.calls.count("upload_output_sandbox") == 2
+    assert fake.uploaded["115"] == ["SB:fake|from-an-earlier-pilot", "SB:fake|115/2"]
+    assert row_of(api, "115").sandbox_ref == "SB:fake|115/2"
+    assert fake.last("115").status == "Done"
 
 
 def test_a_refusal_the_upstream_did_not_take_is_retried(api: Api, fake: FakeUpstream) -> None:
@@ -496,3 +604,53 @@ def test_owner_proxies_come_from_the_folder_or_the_command_and_do_not_linger(tmp
     env = tmp_path / "bashrc"
     env.write_text('# DIRAC\nexport DIRACSYSCONFIG="/opt/dirac/etc/dirac.cfg"\nX509_CERT_DIR=/etc/grid\n')
     assert read_env_file(env) == {"DIRACSYSCONFIG": "/opt/dirac/etc/dirac.cfg", "X509_CERT_DIR": "/etc/grid"}
+
+
+STATUS_ECHO_WORKER = """
+import json, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    a = req["args"]
+    state = {"Status": a["status"], "MinorStatus": a["minor"], "ApplicationStatus": a.get("application")}
+    print(json.dumps({"id": req["id"], "ok": True, "result": state}), flush=True)
+"""
+
+
+def test_set_status_cuts_the_texts_to_dirac_s_columns(tmp_path: Path) -> None:
+    """MinorStatus is VARCHAR(128) and ApplicationStatus VARCHAR(255) in DIRAC: longer texts end in "..."
+    (with a stand-in worker that echoes what it is sent; the real worker cuts them again)."""
+    import sys
+
+    from airlock.upstream.dirac_client import DiracClient, fit_status
+
+    assert fit_status("abc", 3) == "abc" and fit_status("abcd", 3) == "..."
+    assert fit_status("a" * 5, 4) == "a..."
+    worker = tmp_path / "echo_worker.py"
+    worker.write_text(STATUS_ECHO_WORKER)
+    with DiracClient(sys.executable, {}, timeout=30, worker=worker) as client:
+        st = client.set_status(5, "Failed", "m" * 200, application="a" * 300)
+        assert st.minor_status == "m" * 125 + "..." and len(st.minor_status) == 128
+        assert st.application_status == "a" * 252 + "..." and len(st.application_status) == 255
+        assert client.set_status(5, "Running", "m" * 128).minor_status == "m" * 128  # fits: kept
+
+
+def test_dirac_input_sizes_map_each_input_reference() -> None:
+    """DiracUpstream asks the worker about sandbox PFNs and LFNs (without "LFN:") in one call."""
+    from airlock.upstream.dirac import DiracUpstream
+    from airlock.upstream.dirac_client import InputSizes
+
+    asked: list[tuple[list[str], list[str]]] = []
+
+    class SizesClient:
+        def input_sizes(self, pfns: Sequence[str], lfns: Sequence[str]) -> InputSizes:
+            asked.append((list(pfns), list(lfns)))
+            return InputSizes(sizes={pfns[0]: 300, "/airlock/data/in.root": None}, errors={"x": "y"})
+
+    job = dirac_job("9", inputs=("SB:ProductionSandboxSE|/S/a.tar.bz2", "LFN:/airlock/data/in.root"))
+    up = DiracUpstream(SETTINGS, client=SizesClient())  # type: ignore[arg-type]
+    assert up.input_sizes(job) == {
+        "SB:ProductionSandboxSE|/S/a.tar.bz2": 300,
+        "LFN:/airlock/data/in.root": None,
+    }
+    assert asked == [(["SB:ProductionSandboxSE|/S/a.tar.bz2"], ["/airlock/data/in.root"])]
+    assert up.input_sizes(dirac_job("10", inputs=())) == {} and len(asked) == 1

@@ -1043,7 +1043,6 @@ def up(root: Path) -> None:
     start(s, "dms", ["service", *[f"{sy}/{n}" for sy, n, _o in DMS_SERVICES]])
     wait_ports(s, WMS_SERVICES + DMS_SERVICES, ["wms", "dms"], timeout=180)
     log("all service ports listen")
-    start(s, "optimizers", ["executor", "WorkloadManagement/Optimizers"])
 
     urls = {n: f"dips://localhost:{s.port(o)}/{sy}/{n}" for sy, n, o in WMS_SERVICES + DMS_SERVICES}
     env = proc_env(s)
@@ -1054,6 +1053,9 @@ def up(root: Path) -> None:
     if res.returncode:
         raise SystemExit(f"post-start checks failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     log(res.stdout.strip().replace("\n", "; "))
+    # only now: an executor that connects to OptimizationMind while the port is open but the service
+    # not yet answering exits ("peer did not return certificate")
+    start(s, "optimizers", ["executor", "WorkloadManagement/Optimizers"])
 
     # dirac-proxy-init works offline (-N: no ProxyManager upload; DiracX disabled for the VO)
     for who, group, cert, key, proxy in (

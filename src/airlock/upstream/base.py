@@ -8,6 +8,11 @@ could not finish (``reschedule``). Airlock's own submission API is the trivial u
 that drives any upstream (match, cache inputs, create the job, report, hand outputs back) is
 :mod:`airlock.upstream.sync`.
 
+Two optional abilities make the gateway safer where an upstream has them (checked with ``isinstance``):
+:class:`InputSizing` (the inputs' sizes before any download, so a job too large for volunteers' links is
+refused without fetching it) and :class:`OutputSandboxListing` (the output sandboxes the upstream already
+holds for a job, so the upload redone after a crash does not store a second one).
+
 Nothing here carries a credential: an upstream finds the owner's credential itself, for the one call
 that needs it, and nothing of it is stored in the database or sent to a volunteer.
 """
@@ -132,3 +137,24 @@ class Upstream(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class InputSizing(Protocol):
+    """An upstream that knows its jobs' input sizes before they are downloaded."""
+
+    def input_sizes(self, job: UpstreamJob) -> Mapping[str, int | None]:
+        """The size in bytes of each of ``job.inputs`` (None where the upstream cannot tell), fetching
+        none of them. A sandbox's size may be its packed (compressed) size: a lower bound of what it
+        unpacks to."""
+        ...
+
+
+@runtime_checkable
+class OutputSandboxListing(Protocol):
+    """An upstream that lists the output sandboxes it holds for a job."""
+
+    def output_sandboxes(self, job: UpstreamJob) -> Sequence[str]:
+        """References of the output sandboxes assigned to the job upstream (as
+        ``upload_output_sandbox`` returns them)."""
+        ...

@@ -23,7 +23,13 @@ from typing import Any
 
 from airlock.config import Settings
 from airlock.upstream.base import OutputFile, UpstreamError, UpstreamJob, UpstreamStatus
-from airlock.upstream.dirac_client import DiracClient, DiracError
+from airlock.upstream.dirac_client import (
+    APPLICATION_STATUS_MAX,
+    MINOR_STATUS_MAX,
+    DiracClient,
+    DiracError,
+    fit_status,
+)
 from airlock.upstream.jdl import translate
 
 log = logging.getLogger("airlock.upstream.dirac")
@@ -110,12 +116,9 @@ class OwnerProxies:
                 os.unlink(name)
 
 
-MINOR_MAX = 128  # JobDB.Jobs.MinorStatus is VARCHAR(128)
-APPLICATION_MAX = 255  # JobDB.Jobs.ApplicationStatus is VARCHAR(255)
-
-
-def _fit(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+MINOR_MAX = MINOR_STATUS_MAX  # JobDB.Jobs.MinorStatus is VARCHAR(128)
+APPLICATION_MAX = APPLICATION_STATUS_MAX  # JobDB.Jobs.ApplicationStatus is VARCHAR(255)
+_fit = fit_status
 
 
 def _job_id(job: UpstreamJob) -> int:
@@ -160,11 +163,26 @@ class DiracUpstream:
                     raise UpstreamError(f"job {job.ref}: cannot fetch input {ref!r}")
         return sorted(dest.rglob("*"))
 
+    def input_sizes(self, job: UpstreamJob) -> dict[str, int | None]:
+        """Each input's size before download (:class:`airlock.upstream.base.InputSizing`): a sandbox's
+        packed archive as the SandboxStore recorded it, an LFN's size in the file catalog."""
+        pfns = [ref for ref in job.inputs if ref.startswith("SB:")]
+        lfns = {ref: ref[4:] for ref in job.inputs if ref.upper().startswith("LFN:")}
+        if not pfns and not lfns:
+            return {}
+        with self._dirac(f"input sizes of job {job.ref}"):
+            found = self.client.input_sizes(pfns, sorted(set(lfns.values())))
+        if found.errors:
+            log.info("job %s: DIRAC does not tell the size of %s", job.ref, dict(found.errors))
+        out: dict[str, int | None] = {}
+        for ref in job.inputs:
+            out[ref] = found.sizes.get(lfns.get(ref, ref))
+        return out
+
     def report_status(self, job: UpstreamJob, status: UpstreamStatus) -> None:
-        minor = _fit(status.minor, MINOR_MAX)
-        app = None if status.application is None else _fit(status.application, APPLICATION_MAX)
+        # the client cuts the minor (128) and application (255) statuses to DIRAC's columns
         with self._dirac(f"status of job {job.ref}"):
-            self.client.set_status(_job_id(job), status.status, minor, application=app)
+            self.client.set_status(_job_id(job), status.status, status.minor, application=status.application)
 
     def set_parameters(self, job: UpstreamJob, params: Mapping[str, str | int | float]) -> None:
         with self._dirac(f"parameters of job {job.ref}"):
@@ -177,6 +195,12 @@ class DiracUpstream:
     def upload_output_sandbox(self, job: UpstreamJob, files: Sequence[Path]) -> str | None:
         with self.proxies.proxy_file(job) as proxy, self._dirac(f"output sandbox of job {job.ref}"):
             return self.client.upload_output_sandbox(_job_id(job), list(files), owner_proxy=proxy)
+
+    def output_sandboxes(self, job: UpstreamJob) -> list[str]:
+        """The job's Output sandboxes in DIRAC (:class:`airlock.upstream.base.OutputSandboxListing`), as
+        its owner sees them (the gateway uploads them in the owner's name)."""
+        with self.proxies.proxy_file(job) as proxy, self._dirac(f"output sandboxes of job {job.ref}"):
+            return self.client.output_sandboxes(_job_id(job), owner_proxy=proxy)
 
     def output_registered(self, job: UpstreamJob, output: OutputFile) -> bool:
         try:

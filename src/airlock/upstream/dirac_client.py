@@ -27,6 +27,18 @@ WORKER = Path(__file__).with_name("dirac_worker.py")
 
 JsonScalar = str | int | float | bool
 
+# DIRAC's status columns (JobDB.Jobs, JobLoggingDB.LoggingInfo): MinorStatus VARCHAR(128), ApplicationStatus
+# VARCHAR(255). ``set_status`` cuts longer texts with :func:`fit_status` (and the worker applies the same
+# rule again), so no caller can make MySQL refuse the update (error 1406, "Data too long").
+MINOR_STATUS_MAX = 128
+APPLICATION_STATUS_MAX = 255
+
+
+def fit_status(text: str, limit: int) -> str:
+    """The rule for DIRAC's status columns: a text longer than ``limit`` characters becomes its first
+    ``limit - 3`` characters followed by "..."; a shorter one is kept as it is."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class DiracError(Exception):
     """DIRAC (or the worker) refused or failed an operation."""
@@ -58,6 +70,14 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _opt_int(value: Any) -> int | str | None:
+    """A JDL integer as the worker passes it: int, its raw text when it is not a number (refused by the
+    translation), or None when absent."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return str(value)
+
+
 @dataclass(frozen=True)
 class MatchedJob:
     """A job the DIRAC Matcher handed to the gateway (its status is then Matched)."""
@@ -81,6 +101,14 @@ class MatchedJob:
     job_name: str | None
     job_type: str | None
     fields: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # requirements and redirections, parsed from the JDL by the worker (DIRAC's ClassAd)
+    number_of_processors: int | str | None = None
+    min_number_of_processors: int | str | None = None
+    max_number_of_processors: int | str | None = None
+    tags: tuple[str, ...] = ()  # Tags and Tag together (DIRAC's optimizers add nProcessors/MultiProcessor)
+    std_output: str | None = None
+    std_error: str | None = None
+    platform: str | None = None
 
     @classmethod
     def from_reply(cls, reply: Mapping[str, Any]) -> MatchedJob:
@@ -106,7 +134,32 @@ class MatchedJob:
             job_name=_opt_str(f.get("JobName")),
             job_type=_opt_str(f.get("JobType")),
             fields=dict(f),
+            number_of_processors=_opt_int(f.get("NumberOfProcessors")),
+            min_number_of_processors=_opt_int(f.get("MinNumberOfProcessors")),
+            max_number_of_processors=_opt_int(f.get("MaxNumberOfProcessors")),
+            tags=tuple(dict.fromkeys([*_strs(f.get("Tags")), *_strs(f.get("Tag"))])),
+            std_output=_opt_str(f.get("StdOutput")) or None,
+            std_error=_opt_str(f.get("StdError")) or None,
+            platform=_opt_str(f.get("Platform")) or None,
         )
+
+
+@dataclass(frozen=True)
+class InputSizes:
+    """Sizes in bytes of a job's inputs as DIRAC knows them before any download: a sandbox PFN's packed
+    archive, an LFN's catalog size. ``None`` where DIRAC could not tell (the reason is in ``errors``)."""
+
+    sizes: Mapping[str, int | None]
+    how: Mapping[str, str] = field(default_factory=dict)  # SandboxMetadataDB, StorageElement, FileCatalog
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def known_total(self) -> int:
+        return sum(v for v in self.sizes.values() if v is not None)
+
+    @property
+    def unknown(self) -> tuple[str, ...]:
+        return tuple(k for k, v in self.sizes.items() if v is None)
 
 
 def _state(value: Any) -> JobState:
@@ -282,6 +335,22 @@ class DiracClient:
         result = self.call("match", {"resource": dict(resource or {})})
         return None if result is None else MatchedJob.from_reply(result)
 
+    def parse_jdl(self, jdl: str) -> dict[str, Any]:
+        """The parsed fields the worker gives a matched job (``MatchedJob.fields``) for this JDL."""
+        result = self.call("parse_jdl", {"jdl": jdl})
+        return dict(result) if isinstance(result, dict) else {}
+
+    def input_sizes(self, pfns: Sequence[str] = (), lfns: Sequence[str] = ()) -> InputSizes:
+        """Sizes of input sandboxes ("SB:..." PFNs) and input files (LFNs, without "LFN:") from DIRAC's
+        metadata (SandboxMetadataDB or the sandbox SE; the file catalog), downloading nothing."""
+        result = self.call("input_sizes", {"pfns": list(pfns), "lfns": list(lfns)})
+        r: Mapping[str, Any] = result if isinstance(result, dict) else {}
+        return InputSizes(
+            sizes={str(k): (None if v is None else int(v)) for k, v in (r.get("sizes") or {}).items()},
+            how={str(k): str(v) for k, v in (r.get("how") or {}).items()},
+            errors={str(k): str(v) for k, v in (r.get("errors") or {}).items()},
+        )
+
     def download_sandbox(self, pfn: str, dest_dir: str | os.PathLike[str]) -> list[str]:
         """Download and unpack an input sandbox ("SB:SE|path") into dest_dir; returns the new names."""
         result = self.call("download_sandbox", {"pfn": pfn, "dest_dir": os.fspath(dest_dir)})
@@ -299,10 +368,15 @@ class DiracClient:
         self, job_id: int, status: str = "", minor: str = "", application: str | None = None
     ) -> JobState:
         """Set the job's status/minor status and/or application status; returns the state DIRAC then holds
-        (DiracError if DIRAC did not take the new status)."""
-        args: dict[str, Any] = {"job_id": job_id, "status": status, "minor": minor}
+        (DiracError if DIRAC did not take the new status). The minor status is cut to 128 characters and
+        the application status to 255 (:func:`fit_status`), the widths of DIRAC's columns."""
+        args: dict[str, Any] = {
+            "job_id": job_id,
+            "status": status,
+            "minor": fit_status(minor, MINOR_STATUS_MAX),
+        }
         if application is not None:
-            args["application"] = application
+            args["application"] = fit_status(application, APPLICATION_STATUS_MAX)
         return _state(self.call("set_status", args))
 
     def set_parameters(self, job_id: int, params: Mapping[str, JsonScalar]) -> None:
@@ -330,6 +404,15 @@ class DiracClient:
             {"job_id": job_id, "files": [os.fspath(f) for f in files], "owner_proxy": os.fspath(owner_proxy)},
         )
         return str(result["pfn"])
+
+    def output_sandboxes(self, job_id: int, owner_proxy: str | os.PathLike[str] | None = None) -> list[str]:
+        """The PFNs of the sandboxes assigned to the job as Output (as the owner, when given their proxy:
+        the owner sees the sandboxes uploaded in their name); sorted, each once."""
+        args: dict[str, Any] = {"job_id": job_id}
+        if owner_proxy is not None:
+            args["owner_proxy"] = os.fspath(owner_proxy)
+        result = self.call("output_sandboxes", args)
+        return [str(p) for p in (result or {}).get("pfns", [])]
 
     def put_and_register(
         self,

@@ -13,8 +13,12 @@ the owner's proxy (DIRAC requires the output sandbox to be uploaded as the job's
 
 DIRAC is imported on the first op that needs it, so ``ping`` answers at once.
 
-Ops: ping, match, download_sandbox, get_file, set_status, set_parameters, heartbeat,
-upload_output_sandbox, put_and_register, get_replicas, reschedule, job_status.
+Ops: ping, match, parse_jdl, input_sizes, download_sandbox, get_file, set_status, set_parameters, heartbeat,
+upload_output_sandbox, output_sandboxes, put_and_register, get_replicas, reschedule, job_status.
+
+``set_status`` cuts what DIRAC's columns cannot hold (JobDB/JobLoggingDB: MinorStatus VARCHAR(128),
+ApplicationStatus VARCHAR(255), StatusSource VARCHAR(32)): a longer text becomes its first N-3
+characters followed by "...", so no caller can make MySQL refuse the update (error 1406).
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ import sys
 import time
 import traceback
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# DIRAC's column widths (JobDB.Jobs, JobLoggingDB.LoggingInfo)
+MINOR_STATUS_MAX = 128
+APPLICATION_STATUS_MAX = 255
+STATUS_SOURCE_MAX = 32
 _proto = None  # the protocol channel (the original stdout)
 _dirac_ready = False
 
@@ -162,12 +170,16 @@ def _jdl_fields(jdl: str) -> dict:
             return []
         return [x for x in ad.getListFromExpression(name) if x]
 
-    cpu = None
-    if ad.lookupAttribute("CPUTime"):
+    def num(name):
+        """An integer attribute; its raw text when it is not one (the gateway refuses it), None if absent."""
+        if not ad.lookupAttribute(name):
+            return None
+        raw = s(name).strip()
         try:
-            cpu = int(float(s("CPUTime")))
+            return int(float(raw))
         except (TypeError, ValueError):
-            cpu = None
+            return raw
+
     return {
         "Executable": s("Executable"),
         "Arguments": s("Arguments"),
@@ -177,12 +189,20 @@ def _jdl_fields(jdl: str) -> dict:
         "OutputData": lst("OutputData"),
         "OutputSE": lst("OutputSE"),
         "OutputPath": s("OutputPath"),
-        "CPUTime": cpu,
+        "CPUTime": num("CPUTime"),
         "JobName": s("JobName"),
         "JobType": s("JobType"),
         "Owner": s("Owner"),
         "OwnerGroup": s("OwnerGroup"),
         "VO": s("VirtualOrganization") or s("VO"),
+        "NumberOfProcessors": num("NumberOfProcessors"),
+        "MinNumberOfProcessors": num("MinNumberOfProcessors"),
+        "MaxNumberOfProcessors": num("MaxNumberOfProcessors"),
+        "Tags": lst("Tags"),
+        "Tag": lst("Tag"),
+        "StdOutput": s("StdOutput"),
+        "StdError": s("StdError"),
+        "Platform": s("Platform"),
     }
 
 
@@ -191,6 +211,12 @@ def _jdl_fields(jdl: str) -> dict:
 
 def op_ping(args):
     return {"pong": True, "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "dirac_loaded": _dirac_ready}
+
+
+def op_parse_jdl(args):
+    """The fields ``match`` gives for a JDL (DIRAC's ClassAd parser), for a JDL at hand."""
+    _init_dirac()
+    return _jdl_fields(_str_arg(args, "jdl"))
 
 
 def op_match(args):
@@ -243,6 +269,96 @@ def op_match(args):
     }
 
 
+def _split_sb(pfn: str):
+    """A sandbox PFN, SB:<SE>|<path> -> (SE, path)."""
+    se, sep, path = pfn[3:].partition("|") if pfn.startswith("SB:") else ("", "", "")
+    if not se or not sep or not path:
+        raise OpError(f"not a sandbox PFN (SB:<SE>|<path>): {pfn}")
+    return se, path
+
+
+_sandbox_db = None  # SandboxMetadataDB, when this DIRAC configuration gives access to it (False: it does not)
+
+
+def _sandbox_size_from_db(se: str, path: str):
+    """The sandbox's size as the SandboxStore recorded it (sb_SandBoxes.Bytes: the packed archive), when
+    the configuration names SandboxMetadataDB; None if it cannot tell."""
+    global _sandbox_db
+    if _sandbox_db is None:
+        from DIRAC.ConfigurationSystem.Client.Utilities import getDBParameters
+
+        _sandbox_db = False
+        if getDBParameters("WorkloadManagement/SandboxMetadataDB")["OK"]:
+            try:
+                from DIRAC.WorkloadManagementSystem.DB.SandboxMetadataDB import SandboxMetadataDB
+
+                _sandbox_db = SandboxMetadataDB()
+            except Exception as exc:  # no access (network, grants): the SE is asked instead
+                _log(f"SandboxMetadataDB not usable: {exc}")
+    if not _sandbox_db:
+        return None
+    rows = _value(
+        _sandbox_db._query(
+            "SELECT Bytes FROM `sb_SandBoxes` WHERE SEName = %s AND SEPFN = %s", args=(se, path)
+        ),
+        "SandboxMetadataDB",
+    )
+    if not rows or rows[0][0] is None or int(rows[0][0]) <= 0:  # Bytes defaults to 0: not recorded
+        return None
+    return int(rows[0][0])
+
+
+def op_input_sizes(args):
+    """Sizes in bytes of input sandboxes ("SB:...": the packed archive, from SandboxMetadataDB or the
+    sandbox SE) and of LFNs (the file catalog's Size), without downloading them. A size DIRAC cannot give
+    is null, with the reason in ``errors``."""
+    _init_dirac()
+    pfns = args.get("pfns") or []
+    lfns = args.get("lfns") or []
+    if not isinstance(pfns, list) or not all(isinstance(x, str) for x in pfns):
+        raise OpError("pfns must be a list of sandbox PFNs")
+    if not isinstance(lfns, list) or not all(isinstance(x, str) and x.startswith("/") for x in lfns):
+        raise OpError("lfns must be a list of LFNs (absolute paths)")
+    sizes = {}
+    how = {}
+    errors = {}
+    for pfn in pfns:
+        se, path = _split_sb(pfn)
+        sizes[pfn] = None
+        try:
+            size = _sandbox_size_from_db(se, path)
+            if size is not None:
+                sizes[pfn], how[pfn] = size, "SandboxMetadataDB"
+                continue
+        except OpError as exc:
+            errors[pfn] = str(exc)
+        from DIRAC.Core.Utilities.ReturnValues import returnSingleResult
+        from DIRAC.Resources.Storage.StorageElement import StorageElement
+
+        try:
+            result = returnSingleResult(StorageElement(se).getFileSize(path))
+        except Exception as exc:  # a plugin raising
+            result = {"OK": False, "Message": f"{type(exc).__name__}: {exc}"}
+        if result["OK"] and isinstance(result["Value"], int):
+            sizes[pfn], how[pfn] = int(result["Value"]), "StorageElement"
+            errors.pop(pfn, None)
+        else:
+            errors[pfn] = f"{se}: {result.get('Message') or result.get('Value')}"
+    if lfns:
+        from DIRAC.Resources.Catalog.FileCatalog import FileCatalog
+
+        value = _value(FileCatalog().getFileMetadata(lfns), "getFileMetadata")
+        for lfn in lfns:
+            meta = value.get("Successful", {}).get(lfn)
+            size = meta.get("Size") if isinstance(meta, dict) else None
+            sizes[lfn] = None if size is None else int(size)
+            if size is None:
+                errors[lfn] = str(value.get("Failed", {}).get(lfn) or "no size in the catalog")
+            else:
+                how[lfn] = "FileCatalog"
+    return {"sizes": sizes, "how": how, "errors": errors}
+
+
 def op_download_sandbox(args):
     _init_dirac()
     from DIRAC.WorkloadManagementSystem.Client.SandboxStoreClient import SandboxStoreClient
@@ -273,15 +389,23 @@ def op_get_file(args):
     return {"path": path}
 
 
+def _cut(text: str, limit: int) -> str:
+    """The rule for DIRAC's status columns: text longer than ``limit`` becomes its first limit-3
+    characters and "..."."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def op_set_status(args):
     _init_dirac()
     from DIRAC.WorkloadManagementSystem.Client.JobStateUpdateClient import JobStateUpdateClient
 
     job_id = _job_id(args)
-    status = args.get("status") or ""
-    minor = args.get("minor") or ""
+    status = str(args.get("status") or "")
+    minor = _cut(str(args.get("minor") or ""), MINOR_STATUS_MAX)
     application = args.get("application")
-    source = args.get("source") or "Airlock"
+    if application is not None:
+        application = _cut(str(application), APPLICATION_STATUS_MAX)
+    source = _cut(str(args.get("source") or "Airlock"), STATUS_SOURCE_MAX)
     if not status and not minor and application is None:
         raise OpError("set_status needs a status, a minor status or an application status")
     _check_job_exists(job_id)
@@ -289,7 +413,7 @@ def op_set_status(args):
     if status or minor:
         _value(client.setJobStatus(job_id, status, minor, source), "setJobStatus")
     if application is not None:
-        _value(client.setJobApplicationStatus(job_id, str(application), source), "setJobApplicationStatus")
+        _value(client.setJobApplicationStatus(job_id, application, source), "setJobApplicationStatus")
     from DIRAC.WorkloadManagementSystem.Client.JobMonitoringClient import JobMonitoringClient
 
     states = _value(JobMonitoringClient().getJobsStates([job_id]), "getJobsStates") or {}
@@ -351,6 +475,21 @@ def op_upload_output_sandbox(args):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     return {"pfn": _value(result, "uploadFilesAsSandbox")}
+
+
+def op_output_sandboxes(args):
+    """The sandboxes assigned to the job as Output (PFNs), as the SandboxStore lists them for the caller
+    (give ``owner_proxy``: the owner sees the sandboxes uploaded in their name)."""
+    _init_dirac()
+    from DIRAC.Core.Base.Client import Client
+
+    job_id = _job_id(args)
+    with _as_owner(args.get("owner_proxy")):
+        value = _value(
+            Client(url="WorkloadManagement/SandboxStore").getSandboxesAssignedToEntity(f"Job:{job_id}"),
+            "getSandboxesAssignedToEntity",
+        )
+    return {"pfns": sorted({str(p) for p in (value or {}).get("Output", [])})}
 
 
 def op_put_and_register(args):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
 from typing import Any
 
 from airlock.config import Settings
@@ -27,43 +26,9 @@ from airlock.upstream.dirac_client import MatchedJob
 
 REFUSED_PREFIX = "Airlock: "
 
-_ATTR = re.compile(r"(?m)^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?);?\s*$")
-_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
-
-
-def jdl_attributes(jdl: str) -> dict[str, Any]:
-    """The simple attributes of a JDL (one per line, as DIRAC writes them): strings, lists of strings
-    and numbers. Enough to read what the worker's parsed fields leave out (NumberOfProcessors, Tags,
-    StdOutput, ...); anything more complex is kept as its raw text."""
-    out: dict[str, Any] = {}
-    for name, raw in _ATTR.findall(jdl):
-        raw = raw.strip().rstrip(";").strip()
-        if raw.startswith("{"):
-            out[name] = _STRING.findall(raw)
-        elif raw.startswith('"') and raw.endswith('"'):
-            out[name] = raw[1:-1]
-        else:
-            try:
-                out[name] = int(raw)
-            except ValueError:
-                try:
-                    out[name] = float(raw)
-                except ValueError:
-                    out[name] = raw
-    return out
-
-
-def _field(job: MatchedJob, attrs: Mapping[str, Any], name: str) -> Any:
-    value = job.fields.get(name)
-    return value if value not in (None, "", []) else attrs.get(name)
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, list | tuple):
-        return [str(v) for v in value if str(v)]
-    return [s for s in (x.strip() for x in str(value).split(",")) if s]
+# Tags DIRAC's JobScheduling optimizer derives from the processor counts ("4Processors", "MultiProcessor"):
+# those counts are checked themselves, so these tags need nothing more of a volunteer.
+_DERIVED_TAG = re.compile(r"^(\d+Processors|MultiProcessor)$")
 
 
 def _as_int(value: Any, default: int) -> int:
@@ -104,9 +69,7 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
-def _command(
-    job: MatchedJob, attrs: Mapping[str, Any], settings: Settings, sandbox_names: set[str]
-) -> list[str]:
+def _command(job: MatchedJob, settings: Settings, sandbox_names: set[str]) -> list[str]:
     exe = (job.executable or "").strip()
     if not exe:
         raise Refused("the JDL has no Executable")
@@ -125,8 +88,10 @@ def _command(
 
 
 def translate(job: MatchedJob, settings: Settings) -> UpstreamJob:
-    """The Airlock view of a matched DIRAC job; ``problem`` says why Airlock cannot run it, if so."""
-    attrs = jdl_attributes(job.jdl)
+    """The Airlock view of a matched DIRAC job; ``problem`` says why Airlock cannot run it, if so.
+
+    Everything is read from the worker's parsed fields (DIRAC's own ClassAd parser), not from the raw JDL
+    text, which is kept only to be shown."""
     base = UpstreamJob(
         ref=str(job.job_id),
         name=(job.job_name or f"dirac-{job.job_id}")[:200],
@@ -138,17 +103,15 @@ def translate(job: MatchedJob, settings: Settings) -> UpstreamJob:
         outputs=(),
         output_sandbox=(),
         output_data=(),
-        extra={"vo": job.vo, "jdl": job.jdl},
+        extra={"vo": job.vo, "jdl": job.jdl, "platform": job.platform},
     )
     try:
-        return _translate(job, attrs, settings, base)
+        return _translate(job, settings, base)
     except Refused as exc:
         return UpstreamJob(**{**base.__dict__, "problem": str(exc)})
 
 
-def _translate(
-    job: MatchedJob, attrs: Mapping[str, Any], settings: Settings, base: UpstreamJob
-) -> UpstreamJob:
+def _translate(job: MatchedJob, settings: Settings, base: UpstreamJob) -> UpstreamJob:
     # inputs: sandbox PFNs ("SB:...") the Matcher resolved, LFNs of the sandbox and InputData
     sandbox_lfns = [s for s in job.input_sandbox if s.upper().startswith("LFN:")]
     inputs = [
@@ -158,23 +121,29 @@ def _translate(
     ]
     sandbox_names = {s.rsplit("/", 1)[-1] for s in job.input_sandbox if not s.upper().startswith("LFN:")}
 
-    cores = _as_int(_field(job, attrs, "NumberOfProcessors"), 1)
-    max_cores = _as_int(_field(job, attrs, "MaxNumberOfProcessors"), cores)
+    # NumberOfProcessors is exact; else MinNumberOfProcessors is what the job needs at least
+    exact = job.number_of_processors
+    cores = _as_int(exact if exact is not None else job.min_number_of_processors, 1)
+    max_cores = _as_int(job.max_number_of_processors, cores)
     if cores < 1 or cores > settings.dirac_max_cores or max_cores < 1:
-        raise Refused(f"NumberOfProcessors {cores} is not supported (at most {settings.dirac_max_cores})")
+        what = (
+            "MinNumberOfProcessors"
+            if exact is None and job.min_number_of_processors
+            else "NumberOfProcessors"
+        )
+        raise Refused(f"{what} {cores} is not supported (at most {settings.dirac_max_cores})")
     cores = min(max(cores, 1), settings.dirac_max_cores)
-    tags = _as_list(_field(job, attrs, "Tags")) + _as_list(_field(job, attrs, "Tag"))
-    missing = [t for t in tags if t not in settings.dirac_tags and not t.endswith("Processors")]
+    missing = [t for t in job.tags if t not in settings.dirac_tags and not _DERIVED_TAG.match(t)]
     if missing:
         raise Refused(f"unsupported requirement: Tags {', '.join(missing)}")
-    cpu = job.cpu_time if job.cpu_time is not None else _as_int(attrs.get("CPUTime"), 3600)
+    cpu = job.cpu_time if job.cpu_time is not None else _as_int(job.fields.get("CPUTime"), 3600)
     if cpu < 0 or cpu > settings.dirac_max_cpu_time:
         raise Refused(f"CPUTime {cpu} is more than Airlock accepts ({settings.dirac_max_cpu_time})")
     job_type = (job.job_type or "User").strip()
     if job_type not in ("User", "Test", "MonteCarlo", "Simulation", "Analysis"):
         raise Refused(f"unsupported JobType {job_type!r}")
 
-    command = _command(job, attrs, settings, sandbox_names)
+    command = _command(job, settings, sandbox_names)
 
     # outputs
     sandbox = [
@@ -191,8 +160,8 @@ def _translate(
             raise Refused("OutputData without an OutputSE (and the gateway has no dirac_output_se)")
         lfn = output_lfn(entry, vo=vo, owner=job.owner, output_path=job.output_path, job_id=job.job_id)
         data.append(OutputFile(name=name, lfn=lfn, se=se_list[0]))
-    stdout = str(_field(job, attrs, "StdOutput") or "std.out")
-    stderr = str(_field(job, attrs, "StdError") or "std.err")
+    stdout = job.std_output or "std.out"
+    stderr = job.std_error or "std.err"
     outputs = list(dict.fromkeys([*sandbox, *(d.name for d in data)]))
     if not outputs:  # Airlock needs something to validate: the job's standard output comes back
         sandbox = [stdout]

@@ -4,7 +4,9 @@ Three steps, each a background loop (``airlock.service``) when ``upstream = "dir
 
 ``generate``  fetch (match) jobs while fewer than ``dirac_max_queued`` wait for a volunteer; record each
               one at once (``upstream_jobs``, state ``matched``) so a crash never loses a matched job;
-              refuse what Airlock cannot run (upstream status Failed, minor ``Airlock: <reason>``);
+              refuse what Airlock cannot run (upstream status Failed, minor ``Airlock: <reason>``),
+              including inputs too large for volunteers' links, from the sizes the upstream gives
+              BEFORE any download (and again from the downloaded bytes, as a backstop);
               download its inputs ONCE into the content-addressed input cache; create a batch of one
               job (``batches.upstream``/``upstream_ref``) and mark the row ``accepted`` in the same
               transaction.
@@ -16,7 +18,10 @@ Three steps, each a background loop (``airlock.service``) when ``upstream = "dir
               storage as the output sandbox (as the owner), register each output file, and only then
               report Done; failed -> report Failed, or reschedule, per ``dirac_failure_policy``.
               Each step's progress is recorded (``sandbox_ref``, ``registered``) before the next, so a
-              crash redoes a step at most and Done is never reported before the outputs are up.
+              crash redoes a step at most and Done is never reported before the outputs are up. An
+              upload is recorded as begun (event ``upstream.sandbox_upload``, with the output sandboxes
+              the job had then) before it is made: a redo first asks the upstream for a sandbox that
+              appeared since, and takes that one instead of uploading a second.
 Nothing a volunteer produced is read before the assimilator has put the validated copy in trusted storage.
 """
 
@@ -49,6 +54,8 @@ from airlock.upstream.base import (
     FAILED,
     KILL,
     RUNNING,
+    InputSizing,
+    OutputSandboxListing,
     Upstream,
     UpstreamError,
     UpstreamJob,
@@ -62,6 +69,7 @@ U = UpstreamJobState
 MATCHED, ACCEPTED = U.MATCHED.value, U.ACCEPTED.value
 UPSTREAM_FINAL = frozenset(s.value for s in (U.REFUSED, U.KILLED, U.DONE, U.FAILED, U.RESCHEDULED))
 DOWNLOAD_GIVE_UP_S = 3600  # inputs that cannot be fetched for this long: the job is refused
+SANDBOX_UPLOAD = "upstream.sandbox_upload"  # event: an output sandbox upload was begun
 
 ACCEPTED_STATUS = UpstreamStatus(RUNNING, "Job accepted by Airlock", "Waiting for a volunteer")
 KILLED_STATUS = UpstreamStatus("Killed", "Marked for termination", "Airlock: volunteer tasks aborted")
@@ -71,8 +79,10 @@ class _Taken(Exception):
     """Another gateway process took the matched job in first (the transaction is rolled back)."""
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def _size(n: int) -> str:
+    if n >= 10**6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB" if n >= 10**4 else f"{n} bytes"
 
 
 class UpstreamSync:
@@ -182,6 +192,22 @@ class UpstreamSync:
         log.info("upstream job %s refused: %s", job.ref, reason)
         return 1
 
+    def _too_large(self, total: int, when: str) -> str:
+        limit = self.settings.dirac_max_input_bytes
+        return f"inputs too large for volunteers' links: {_size(total)} > {_size(limit)} ({when})"
+
+    def _sizes_problem(self, job: UpstreamJob) -> str | None:
+        """The refusal of inputs too large for volunteers' links, from the sizes the upstream gives before
+        any download (a sandbox's packed size is a lower bound of what it unpacks to); None when they fit
+        or the upstream cannot tell (the downloaded bytes are checked then)."""
+        if not isinstance(self.upstream, InputSizing) or not job.inputs:
+            return None
+        sizes = self.upstream.input_sizes(job)
+        total = sum(v for v in sizes.values() if v is not None)
+        if total > self.settings.dirac_max_input_bytes:
+            return self._too_large(total, "before download")
+        return None
+
     def _take(self, row: Any) -> int:
         job = UpstreamJob.from_json(row.description)
         if job.problem:
@@ -189,6 +215,9 @@ class UpstreamSync:
         incoming = self.scratch / "incoming" / str(row.id)
         shutil.rmtree(incoming, ignore_errors=True)
         try:
+            problem = self._sizes_problem(job)
+            if problem:
+                return self._refuse(row, job, problem)
             files = self.upstream.download_inputs(job, incoming)
         except UpstreamError as exc:
             shutil.rmtree(incoming, ignore_errors=True)
@@ -216,9 +245,7 @@ class UpstreamSync:
                 return f"input {path.name} has the name of an output"
             total += path.stat().st_size
         if total > self.settings.dirac_max_input_bytes:
-            return (
-                f"inputs too large for volunteers: {_mb(total)} > {_mb(self.settings.dirac_max_input_bytes)}"
-            )
+            return self._too_large(total, "as downloaded")
         return None
 
     def job_spec(self, job: UpstreamJob, inputs: list[InputSpec]) -> JobSpec:
@@ -453,10 +480,7 @@ class UpstreamSync:
             if row.sandbox_ref is None:
                 ref = ""
                 if job.output_sandbox:
-                    ref = (
-                        self.upstream.upload_output_sandbox(job, [outputs[n] for n in job.output_sandbox])
-                        or ""
-                    )
+                    ref = self._upload_sandbox(row, job, [outputs[n] for n in job.output_sandbox])
                 self._set(row.id, sandbox_ref=ref)
             registered = list(row.registered or [])
             for out in job.output_data:
@@ -473,6 +497,38 @@ class UpstreamSync:
         self._move(row.id, U.DONE, reported=done.key(), error=None)
         log.info("upstream job %s done (Airlock job %s)", job.ref, row.job_id)
         return 1
+
+    def _upload_begun(self, row: Any) -> Any:
+        """The record of an output sandbox upload begun for this row (its detail: ``before``, the output
+        sandboxes the job had upstream then, or None), or None."""
+        e = schema.events
+        with read(self.gw.engine) as conn:
+            return conn.execute(
+                select(e.c.detail)
+                .where(
+                    e.c.action == SANDBOX_UPLOAD, e.c.object_type == "upstream_job", e.c.object_id == row.id
+                )
+                .order_by(e.c.id)
+                .limit(1)
+            ).first()
+
+    def _upload_sandbox(self, row: Any, job: UpstreamJob, files: list[Path]) -> str:
+        """Upload the output sandbox once: when an earlier upload was begun (and may have gone through
+        before a crash), take the sandbox that appeared upstream since instead of uploading another."""
+        listing = self.upstream if isinstance(self.upstream, OutputSandboxListing) else None
+        begun = self._upload_begun(row)
+        before = (begun.detail or {}).get("before") if begun is not None else None
+        if before is not None and listing is not None:
+            new = sorted(set(listing.output_sandboxes(job)) - set(before))
+            if new:
+                log.info("upstream job %s: output sandbox %s already uploaded, not again", job.ref, new[-1])
+                return new[-1]
+        if begun is None:
+            # what the job already had (e.g. from a run before the gateway took it), to tell ours apart
+            before_now = sorted(listing.output_sandboxes(job)) if listing is not None else None
+            with self.gw.engine.begin() as conn:
+                record_event(conn, self.actor, SANDBOX_UPLOAD, "upstream_job", row.id, {"before": before_now})
+        return self.upstream.upload_output_sandbox(job, files) or ""
 
     def _finish_failed(self, row: Any, state: str) -> int:
         job = UpstreamJob.from_json(row.description)
