@@ -61,10 +61,11 @@ test: system-deps postgres mariadb $(STAMP) lint typecheck
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" -x
 
-bench: $(STAMP)
+bench: $(STAMP) mariadb
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/credentials.py
 	$(BIN)/python bench/boinc_rpc.py
+	AIRLOCK_DIRAC_MYSQL_ADMIN_USER=airlock_admin $(BIN)/python bench/upstream.py
 
 clean:
 	rm -rf $(VENV) airlock-data .mypy_cache .ruff_cache .pytest_cache
