@@ -12,9 +12,11 @@ AIRLOCK_TEST_DIRAC=required (as CI sets it).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -72,6 +74,23 @@ class DiracServer:
             raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
 
+    def status(self, job_id: int) -> dict[str, str]:
+        """The job's state as alice sees it with dirac-wms-job-status."""
+        res = self.run(["dirac-wms-job-status", str(job_id)])
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith(f"JobID={job_id} ")), None)
+        assert line, f"job {job_id} not in dirac-wms-job-status output:\n{res.stdout}\n{res.stderr}"
+        return dict(re.findall(r"(\w+)=([^;]*);", line.split(" ", 1)[1]))
+
+    def wait_status(self, job_id: int, want: str, timeout: float = 90) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(job_id)
+            if st.get("Status") == want:
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} did not reach {want} in {timeout:.0f}s: {st}")
+            time.sleep(0.5)
+
     def client(self, *, timeout: float = 120.0, log_name: str = "worker-test.log") -> DiracClient:
         return DiracClient(self.python, self.env, timeout=timeout, stderr=str(self.root / "logs" / log_name))
 
@@ -104,31 +123,57 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"DIRAC could not be brought up: {reason}")
 
 
-@pytest.fixture(scope="session")
-def dirac_server() -> Iterator[DiracServer]:
-    root = Path(
-        os.environ.get(
-            "AIRLOCK_TEST_DIRAC_DIR", str(Path.home() / ".cache" / "airlock-dirac" / "test-server")
-        )
-    )
+@contextlib.contextmanager
+def running_dirac(
+    name: str, *, default_dir: Path, db_prefix: str, port_base: str, lifetime_s: int
+) -> Iterator[Path]:
+    """A DIRAC brought up in its own folder for as long as the block runs, held against any other test
+    session by a lock file. `name` is the prefix of the environment variables that override where it
+    runs: <name>_DIR, <name>_DB_PREFIX, <name>_PORT_BASE. Skips (or, when required, fails) if DIRAC
+    cannot be brought up, after one more try (a service may lose a start-up race)."""
+    root = Path(os.environ.get(f"{name}_DIR", str(default_dir)))
     root.mkdir(parents=True, exist_ok=True)
-    lock: IO[str] = open(root / ".session.lock", "w")  # noqa: SIM115 - held for the session
+    lock: IO[str] = open(root / ".session.lock", "w")  # noqa: SIM115 - held while the DIRAC is up
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        _unavailable(f"{root} is in use by another test session (set AIRLOCK_TEST_DIRAC_DIR)")
+        _unavailable(f"{root} is in use by another test session (set {name}_DIR)")
     env = dict(os.environ)
-    env["AIRLOCK_DIRAC_DB_PREFIX"] = os.environ.get("AIRLOCK_TEST_DIRAC_DB_PREFIX", "airlock_test_dirac_")
-    env["AIRLOCK_DIRAC_PORT_BASE"] = os.environ.get("AIRLOCK_TEST_DIRAC_PORT_BASE", "29240")
-    env.setdefault("AIRLOCK_DIRAC_LIFETIME", "7200")  # the services end by themselves even if we crash
+    env["AIRLOCK_DIRAC_DB_PREFIX"] = os.environ.get(f"{name}_DB_PREFIX", db_prefix)
+    env["AIRLOCK_DIRAC_PORT_BASE"] = os.environ.get(f"{name}_PORT_BASE", port_base)
+    env.setdefault("AIRLOCK_DIRAC_LIFETIME", str(lifetime_s))  # they end by themselves if we crash
     try:
         ok, reason = _bring_up(root, env)
         if not ok:
+            print(f"DIRAC bring-up failed, trying once more: {reason[-500:]}")
+            subprocess.run(["bash", str(DOWN), str(root)], env=env, capture_output=True, timeout=120)
+            ok, reason = _bring_up(root, env)
+        if not ok:
             subprocess.run(["bash", str(DOWN), str(root)], env=env, capture_output=True, timeout=120)
             _unavailable(reason)
+        try:
+            yield root
+        finally:
+            res = subprocess.run(
+                ["bash", str(DOWN), str(root)], env=env, text=True, capture_output=True, timeout=120
+            )
+            print(res.stdout + res.stderr)
+    finally:
+        lock.close()
+
+
+@pytest.fixture(scope="session")
+def dirac_server() -> Iterator[DiracServer]:
+    with running_dirac(
+        "AIRLOCK_TEST_DIRAC",
+        default_dir=Path.home() / ".cache" / "airlock-dirac" / "test-server",
+        db_prefix="airlock_test_dirac_",
+        port_base="29240",
+        lifetime_s=7200,
+    ) as root:
         info = json.loads((root / "dirac.json").read_text())
-        server = DiracServer(
+        yield DiracServer(
             root=root,
             python=Path(info["python"]),
             env=dict(info["env"]),
@@ -138,15 +183,6 @@ def dirac_server() -> Iterator[DiracServer]:
             vo=str(info["vo"]),
             info=info,
         )
-        try:
-            yield server
-        finally:
-            res = subprocess.run(
-                ["bash", str(DOWN), str(root)], env=env, text=True, capture_output=True, timeout=120
-            )
-            print(res.stdout + res.stderr)
-    finally:
-        lock.close()
 
 
 @pytest.fixture(scope="session")

@@ -9,19 +9,16 @@ AIRLOCK_TEST_DIRAC=required.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
-from .dirac_fixture import DOWN, _bring_up, _unavailable
+from .dirac_fixture import running_dirac
 
 REPO = Path(__file__).resolve().parent.parent
 LAST_LINE = re.compile(
@@ -33,42 +30,15 @@ JOBS = 5
 
 @pytest.fixture(scope="module")
 def bench_dirac() -> Iterator[Path]:
-    root = Path(
-        os.environ.get(
-            "AIRLOCK_TEST_BENCH_DIRAC_DIR", str(Path.home() / ".cache" / "airlock-dirac" / "bench-server")
-        )
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    lock: IO[str] = open(root / ".session.lock", "w")  # noqa: SIM115 - held while the DIRAC is up
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        _unavailable(f"{root} is in use by another test session (set AIRLOCK_TEST_BENCH_DIRAC_DIR)")
-    env = dict(os.environ)
-    env["AIRLOCK_DIRAC_DB_PREFIX"] = os.environ.get(
-        "AIRLOCK_TEST_BENCH_DIRAC_DB_PREFIX", "airlock_benchtest_dirac_"
-    )
-    env["AIRLOCK_DIRAC_PORT_BASE"] = os.environ.get("AIRLOCK_TEST_BENCH_DIRAC_PORT_BASE", "29640")
-    env.setdefault("AIRLOCK_DIRAC_LIFETIME", "3600")  # the services end by themselves even if we crash
-    try:
-        ok, reason = _bring_up(root, env)
-        if not ok:  # once more: the optimizers may lose a start-up race with OptimizationMind
-            print(f"DIRAC bring-up failed, trying once more: {reason[-500:]}")
-            subprocess.run(["bash", str(DOWN), str(root)], env=env, capture_output=True, timeout=120)
-            ok, reason = _bring_up(root, env)
-        if not ok:
-            subprocess.run(["bash", str(DOWN), str(root)], env=env, capture_output=True, timeout=120)
-            _unavailable(reason)
-        try:
-            yield root
-        finally:
-            res = subprocess.run(
-                ["bash", str(DOWN), str(root)], env=env, text=True, capture_output=True, timeout=120
-            )
-            print(res.stdout + res.stderr)
-    finally:
-        lock.close()
+    """A DIRAC of its own: the benchmark refuses one that still has jobs queued."""
+    with running_dirac(
+        "AIRLOCK_TEST_BENCH_DIRAC",
+        default_dir=Path.home() / ".cache" / "airlock-dirac" / "bench-server",
+        db_prefix="airlock_benchtest_dirac_",
+        port_base="29640",
+        lifetime_s=3600,
+    ) as root:
+        yield root
 
 
 @pytest.mark.slow

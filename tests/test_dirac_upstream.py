@@ -60,25 +60,6 @@ def submit(server: DiracServer, workdir: Path, name: str, *, arguments: str = "r
     return int(m.group(1))
 
 
-def status(server: DiracServer, job_id: int) -> dict[str, str]:
-    """The job's state as alice sees it with dirac-wms-job-status."""
-    res = server.run(["dirac-wms-job-status", str(job_id)])
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith(f"JobID={job_id} ")), None)
-    assert line, f"job {job_id} not in dirac-wms-job-status output:\n{res.stdout}\n{res.stderr}"
-    return dict(re.findall(r"(\w+)=([^;]*);", line.split(" ", 1)[1]))
-
-
-def wait_status(server: DiracServer, job_id: int, want: str, timeout: float = 90) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status(server, job_id)
-        if st.get("Status") == want:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} did not reach {want} in {timeout:.0f}s: {st}")
-        time.sleep(0.5)
-
-
 def match_own(client: DiracClient, job_id: int) -> MatchedJob:
     job = client.match()
     assert job is not None, f"the Matcher found no job (expected {job_id})"
@@ -99,11 +80,11 @@ def test_match_gives_the_job_once_with_its_jdl_and_sandbox(
     dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
 ) -> None:
     job_id = submit(dirac_server, tmp_path / "job", "airlock-match")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
 
     job = match_own(dirac_client, job_id)
     assert dirac_client.match() is None, "a second match must find nothing"
-    assert status(dirac_server, job_id)["Status"] == "Matched"
+    assert dirac_server.status(job_id)["Status"] == "Matched"
 
     assert job.owner == "alice"
     assert job.owner_group == "dirac_user"
@@ -129,7 +110,7 @@ def test_match_gives_the_job_once_with_its_jdl_and_sandbox(
     assert (dest / "run.sh").read_text().startswith("#!/bin/sh")
 
     dirac_client.set_status(job_id, "Failed", "Airlock test: not run")  # leave nothing matchable behind
-    assert status(dirac_server, job_id)["Status"] == "Failed"
+    assert dirac_server.status(job_id)["Status"] == "Failed"
 
 
 def test_match_passes_requirements_and_redirections_parsed_by_dirac(
@@ -145,7 +126,7 @@ def test_match_passes_requirements_and_redirections_parsed_by_dirac(
         '  StdOutput = "o.log";\n  StdError = "e.log";\n  NumberOfProcessors = 2;\n'
         '  Tags = {"GPU", "SSD"};\n  CPUTime = 600;\n',
     )
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     # a resource offering what the job asks for (the gateway's default resource does not)
     job = dirac_client.match(
         {"Tag": ["GPU", "SSD", "2Processors", "MultiProcessor"], "NumberOfProcessors": 4}
@@ -171,7 +152,7 @@ def test_input_sizes_before_download(
 ) -> None:
     """The size of a job's input sandbox (its packed archive) and of an LFN, with nothing downloaded."""
     job_id = submit(dirac_server, tmp_path / "job", "airlock-sizes")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     job = match_own(dirac_client, job_id)
     (pfn,) = job.input_sandbox_pfns
     lfn = f"/airlock/user/a/alice/airlock-test/{int(time.time() * 1000)}/input.dat"
@@ -196,7 +177,7 @@ def test_long_status_texts_are_cut_to_dirac_s_columns(
     """MinorStatus is VARCHAR(128), ApplicationStatus VARCHAR(255): longer texts would make MySQL refuse
     the update (error 1406); the worker cuts them (first N-3 characters and "...")."""
     job_id = submit(dirac_server, tmp_path / "job", "airlock-long")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     match_own(dirac_client, job_id)
     minor, app = "Airlock: " + "m" * 300, "a" * 400
     # straight to the worker too: no caller can get past the rule
@@ -207,7 +188,7 @@ def test_long_status_texts_are_cut_to_dirac_s_columns(
     st = dirac_client.set_status(job_id, "Failed", "Airlock: " + "r" * 200, application="b" * 256)
     assert st.minor_status == ("Airlock: " + "r" * 200)[:125] + "..." and len(st.minor_status or "") == 128
     assert st.application_status == "b" * 252 + "..."
-    seen = status(dirac_server, job_id)
+    seen = dirac_server.status(job_id)
     assert seen["Status"] == "Failed" and seen["MinorStatus"] == st.minor_status
 
 
@@ -215,12 +196,12 @@ def test_statuses_heartbeat_and_output_sandbox_seen_by_alice(
     dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
 ) -> None:
     job_id = submit(dirac_server, tmp_path / "job", "airlock-run")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     match_own(dirac_client, job_id)
 
     st = dirac_client.set_status(job_id, "Running", "Application", application="volunteer task started")
     assert st.status == "Running"
-    seen = status(dirac_server, job_id)
+    seen = dirac_server.status(job_id)
     assert (seen["Status"], seen["MinorStatus"]) == ("Running", "Application")
     assert seen["ApplicationStatus"] == "volunteer task started"
 
@@ -228,7 +209,7 @@ def test_statuses_heartbeat_and_output_sandbox_seen_by_alice(
     dirac_client.set_parameters(job_id, {"AirlockTask": "task-1", "AirlockHost": 7})
 
     dirac_client.set_status(job_id, "Completing", "Uploading Output Sandbox")
-    assert status(dirac_server, job_id)["Status"] == "Completing"
+    assert dirac_server.status(job_id)["Status"] == "Completing"
 
     assert dirac_client.output_sandboxes(job_id, owner_proxy=dirac_server.alice_proxy) == []
     out = tmp_path / "out"
@@ -246,7 +227,7 @@ def test_statuses_heartbeat_and_output_sandbox_seen_by_alice(
 
     st = dirac_client.set_status(job_id, "Done", "Execution Complete", application="exit 0")
     assert (st.status, st.minor_status, st.application_status) == ("Done", "Execution Complete", "exit 0")
-    seen = status(dirac_server, job_id)
+    seen = dirac_server.status(job_id)
     assert (seen["Status"], seen["MinorStatus"]) == ("Done", "Execution Complete")
 
     fetch = tmp_path / "alice"
@@ -260,7 +241,7 @@ def test_heartbeat_returns_kill_after_alice_kills_the_job(
     dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
 ) -> None:
     job_id = submit(dirac_server, tmp_path / "job", "airlock-kill")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     match_own(dirac_client, job_id)
     dirac_client.set_status(job_id, "Running", "Application")
     assert dirac_client.heartbeat(job_id, {"CPUConsumed": 1.0}) == {}
@@ -278,13 +259,13 @@ def test_reschedule_returns_the_job_to_waiting(
     dirac_server: DiracServer, dirac_client: DiracClient, tmp_path: Path
 ) -> None:
     job_id = submit(dirac_server, tmp_path / "job", "airlock-resched")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     match_own(dirac_client, job_id)
     dirac_client.set_status(job_id, "Running", "Application")
     assert dirac_client.match() is None
 
     dirac_client.reschedule(job_id)
-    wait_status(dirac_server, job_id, "Waiting", timeout=60)
+    dirac_server.wait_status(job_id, "Waiting", timeout=60)
 
     again = match_own(dirac_client, job_id)  # matchable again, by the gateway
     assert again.owner == "alice"
@@ -320,15 +301,15 @@ def test_gateway_can_run_with_a_proxy_of_its_certificate(dirac_server: DiracServ
     log = dirac_server.root / "logs" / "worker-proxy.log"
     with DiracClient(dirac_server.python, env, timeout=120, stderr=str(log)) as client:
         job_id = submit(dirac_server, tmp_path / "job", "airlock-proxy")
-        wait_status(dirac_server, job_id, "Waiting")
+        dirac_server.wait_status(job_id, "Waiting")
         match_own(client, job_id)
         assert client.set_status(job_id, "Running", "Application").status == "Running"
         assert client.heartbeat(job_id, {"CPUConsumed": 1.0}) == {}
         client.reschedule(job_id)
-        wait_status(dirac_server, job_id, "Waiting", timeout=60)
+        dirac_server.wait_status(job_id, "Waiting", timeout=60)
         match_own(client, job_id)
         client.set_status(job_id, "Failed", "Airlock test: not run")
-    assert status(dirac_server, job_id)["Status"] == "Failed"
+    assert dirac_server.status(job_id)["Status"] == "Failed"
 
 
 def test_bad_input_gives_a_clear_dirac_error(dirac_server: DiracServer, dirac_client: DiracClient) -> None:

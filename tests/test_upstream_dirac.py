@@ -101,24 +101,6 @@ def submit(server: DiracServer, workdir: Path, name: str, **jdl: str) -> tuple[i
     return int(m.group(1)), out_path
 
 
-def status(server: DiracServer, job_id: int) -> dict[str, str]:
-    res = server.run(["dirac-wms-job-status", str(job_id)])
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith(f"JobID={job_id} ")), None)
-    assert line, res.stdout + res.stderr
-    return dict(re.findall(r"(\w+)=([^;]*);", line.split(" ", 1)[1]))
-
-
-def wait_status(server: DiracServer, job_id: int, want: str, timeout: float = 90) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status(server, job_id)
-        if st.get("Status") == want:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} did not reach {want}: {st}")
-        time.sleep(0.5)
-
-
 def row_of(api: Api, job_id: int) -> Any:
     u = schema.upstream_jobs
     with read(api.gw.engine) as conn:
@@ -128,11 +110,11 @@ def row_of(api: Api, job_id: int) -> Any:
 def loops_until(api: Api, server: DiracServer, job_id: int, want: str, rounds: int = 20) -> dict[str, str]:
     for _ in range(rounds):
         api.loops()
-        st = status(server, job_id)
+        st = server.status(job_id)
         if st.get("Status") == want:
             return st
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} never {want}: {status(server, job_id)}; row {row_of(api, job_id)}")
+    raise AssertionError(f"job {job_id} never {want}: {server.status(job_id)}; row {row_of(api, job_id)}")
 
 
 def run_task(api: Api, v: Volunteer, task: dict[str, Any], workdir: Path) -> dict[str, bytes]:
@@ -176,13 +158,13 @@ def test_a_dirac_job_runs_on_a_volunteer_and_alice_gets_its_output(
 ) -> None:
     api = gateway
     job_id, out_path = submit(dirac_server, tmp_path / "alice", "airlock-e2e")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
 
     # the generator matches it, caches the sandbox, creates the job, reports to DIRAC
     loops_until(api, dirac_server, job_id, "Running")
     row = row_of(api, job_id)
     assert row is not None and row.state == "accepted", row
-    st = status(dirac_server, job_id)
+    st = dirac_server.status(job_id)
     assert (st["Status"], st["MinorStatus"]) == ("Running", "Job accepted by Airlock"), st
     with read(api.gw.engine) as conn:
         batch = conn.execute(select(schema.batches).where(schema.batches.c.id == row.batch_id)).one()
@@ -195,7 +177,7 @@ def test_a_dirac_job_runs_on_a_volunteer_and_alice_gets_its_output(
     assert_no_credentials(r.text, dirac_server)
     assert {i["name"] for i in task["inputs"]} == {"in.txt", "run.sh"}
     api.loops()
-    st = status(dirac_server, job_id)
+    st = dirac_server.status(job_id)
     assert (st["Status"], st["MinorStatus"]) == ("Running", "Application"), st
     hb = v.heartbeat(task)
     assert hb.status_code == 200 and hb.json()["abort"] is False
@@ -239,7 +221,7 @@ def test_a_dirac_job_runs_on_a_volunteer_and_alice_gets_its_output(
 
     # a second pass changes nothing in DIRAC
     api.settle()
-    assert status(dirac_server, job_id)["Status"] == "Done"
+    assert dirac_server.status(job_id)["Status"] == "Done"
 
 
 def test_a_kill_in_dirac_aborts_the_volunteer_task(
@@ -247,12 +229,12 @@ def test_a_kill_in_dirac_aborts_the_volunteer_task(
 ) -> None:
     api = gateway
     job_id, _ = submit(dirac_server, tmp_path / "alice", "airlock-kill")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     loops_until(api, dirac_server, job_id, "Running")
     v = api.volunteer()
     (task,) = v.work()
     api.loops()
-    assert status(dirac_server, job_id)["Status"] == "Running"
+    assert dirac_server.status(job_id)["Status"] == "Running"
     res = dirac_server.run(["dirac-wms-job-kill", str(job_id)])
     assert "killed" in res.stdout.lower(), res.stdout
     api.loops()  # the heartbeat brings the Kill: the Airlock job is cancelled, its task aborted
@@ -262,7 +244,7 @@ def test_a_kill_in_dirac_aborts_the_volunteer_task(
     hb = v.heartbeat(task)
     assert hb.status_code == 200 and hb.json()["abort"] is True
     api.settle()
-    assert status(dirac_server, job_id)["Status"] == "Killed"
+    assert dirac_server.status(job_id)["Status"] == "Killed"
 
 
 def test_jdl_airlock_cannot_run_is_refused_back_to_dirac(
@@ -274,7 +256,7 @@ def test_jdl_airlock_cannot_run_is_refused_back_to_dirac(
     big, _ = submit(dirac_server, tmp_path / "c", "airlock-big")
     # the sandbox of `big` is too large for volunteers' links (the test gateway caps inputs at 1 MB)
     for jid in (bad_exe, gpu, big):
-        wait_status(dirac_server, jid, "Waiting")
+        dirac_server.wait_status(jid, "Waiting")
     api.gw.settings = api.gw.settings.model_copy(update={"dirac_max_input_bytes": 10})
     sync = upstream_sync(api.gw)
     assert sync is not None
@@ -295,7 +277,7 @@ def test_jdl_airlock_cannot_run_is_refused_back_to_dirac(
     assert st["Status"] == "Failed" and st["MinorStatus"].startswith(
         "Airlock: unknown executable 'my-binary'"
     ), st
-    st = status(dirac_server, gpu)
+    st = dirac_server.status(gpu)
     # a GPU tag keeps the job off this site in the Matcher, or Airlock refuses it
     assert st["Status"] in ("Waiting", "Failed"), st
     if st["Status"] == "Failed":
@@ -306,7 +288,7 @@ def test_jdl_airlock_cannot_run_is_refused_back_to_dirac(
     ), st
     assert "(before download)" in st["MinorStatus"], st
     assert str(big) not in downloaded, "refused from DIRAC's sizes: nothing downloaded"
-    if status(dirac_server, gpu)["Status"] == "Waiting":
+    if dirac_server.status(gpu)["Status"] == "Waiting":
         dirac_server.run(["dirac-wms-job-kill", str(gpu)])
 
 
@@ -319,7 +301,7 @@ def test_a_boinc_client_gets_no_dirac_credential(
     (offline / "key.pem").write_bytes(private_pem(generate_key()))
     sign_app(offline / "key.pem", api.gw.settings.data_dir, "airlock_wrapper", 100, [wrapper_path()])
     job_id, _ = submit(dirac_server, tmp_path / "alice", "airlock-boinc")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     loops_until(api, dirac_server, job_id, "Running")  # accepted: reported Running upstream
     assert row_of(api, job_id).state == "accepted"
     client = Client(api, name="bob", email="bob@example.org")
@@ -337,7 +319,7 @@ def test_a_boinc_client_gets_no_dirac_credential(
         with api.gw.engine.begin() as wconn:
             cancel_job(wconn, job.id, "test")
     api.settle()
-    assert status(dirac_server, job_id)["Status"] == "Failed"
+    assert dirac_server.status(job_id)["Status"] == "Failed"
 
 
 class CrashingDirac(DiracUpstream):
@@ -373,7 +355,7 @@ def test_a_crash_midway_through_the_hand_back_redoes_without_duplicating(
     up.crash_after, up.pfns = {"sandbox", "register"}, []
     set_upstream_sync(api.gw, UpstreamSync(api.gw, up))
     job_id, out_path = submit(dirac_server, tmp_path / "alice", "airlock-crash")
-    wait_status(dirac_server, job_id, "Waiting")
+    dirac_server.wait_status(job_id, "Waiting")
     loops_until(api, dirac_server, job_id, "Running")
     v = api.volunteer()
     (task,) = v.work()
