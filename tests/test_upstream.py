@@ -16,6 +16,7 @@ from airlock.config import load_settings
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read
+from airlock.reporter.upstream import reconcile_upstream
 from airlock.upstream.base import OutputFile, Upstream, UpstreamError, UpstreamJob, UpstreamStatus
 from airlock.upstream.dirac_client import MatchedJob
 from airlock.upstream.jdl import output_lfn, translate
@@ -282,6 +283,10 @@ class FakeUpstream:
 
     def last(self, ref: str) -> UpstreamStatus:
         return self.statuses[ref][-1]
+
+    def job_state(self, ref: str) -> tuple[str | None, str | None]:
+        st = self.statuses.get(ref)
+        return (st[-1].status, st[-1].minor) if st else (None, None)
 
 
 @pytest.fixture
@@ -654,3 +659,25 @@ def test_dirac_input_sizes_map_each_input_reference() -> None:
     }
     assert asked == [(["SB:ProductionSandboxSE|/S/a.tar.bz2"], ["/airlock/data/in.root"])]
     assert up.input_sizes(dirac_job("10", inputs=())) == {} and len(asked) == 1
+
+
+def test_the_reconciliation_flags_drift_between_upstream_and_airlock(api: Api, fake: FakeUpstream) -> None:
+    give(fake, "120")
+    api.loops()
+    run_volunteer(api)
+    api.settle()
+    assert fake.last("120").status == "Done"
+    with read(api.gw.engine) as conn:
+        assert not reconcile_upstream(conn, "dirac", fake).drift
+    (lfn,) = list(fake.catalog)
+    del fake.catalog[lfn]  # the file vanished from the catalog: Done upstream without its files
+    with read(api.gw.engine) as conn:
+        drift = reconcile_upstream(conn, "dirac", fake)
+    assert drift.drift and drift.done_without_files == [f"120: Done upstream, not registered: {lfn}"]
+    assert drift.files_without_done == []
+    fake.catalog[lfn] = b"42\n"
+    fake.statuses["120"].append(UpstreamStatus("Failed", "reset by an operator"))  # no longer Done there
+    with read(api.gw.engine) as conn:
+        drift = reconcile_upstream(conn, "dirac", fake)
+    assert drift.files_without_done == [f"120: Failed upstream, yet {lfn} handed back"]
+    assert drift.done_without_files == []

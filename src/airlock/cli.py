@@ -8,12 +8,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from airlock import __version__
+
+if TYPE_CHECKING:
+    from airlock.reporter.upstream import UpstreamDrift
 
 console = Console()
 
@@ -151,9 +154,10 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 def _status_upstream(ns: argparse.Namespace) -> int:
     """Upstream (DIRAC) jobs next to their Airlock jobs, from the gateway's database; --live also asks
-    DIRAC for each unfinished job's current status."""
+    DIRAC for each job's current status and reconciles (exit 1 on drift: a job Done upstream without
+    its files, files handed back for a job not Done upstream)."""
     from airlock.db.engine import make_engine, read
-    from airlock.reporter.upstream import upstream_jobs
+    from airlock.reporter.upstream import reconcile_upstream, upstream_jobs
 
     settings = _settings(ns)
     engine = make_engine(settings.db_url)
@@ -163,6 +167,7 @@ def _status_upstream(ns: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     live: dict[str, str] = {}
+    drift = None
     if ns.live and settings.upstream == "dirac":
         from airlock.upstream.base import UpstreamError
         from airlock.upstream.dirac import DiracUpstream
@@ -179,6 +184,12 @@ def _status_upstream(ns: argparse.Namespace) -> int:
                     live[r["ref"]] = f"{st} ({minor})" if minor else str(st)
                 except UpstreamError as exc:
                     live[r["ref"]] = f"? {exc}"[:60]
+            engine = make_engine(settings.db_url)
+            try:
+                with read(engine) as conn:
+                    drift = reconcile_upstream(conn, dirac.name, dirac)
+            finally:
+                engine.dispose()
         finally:
             dirac.close()
     table = Table(title="upstream jobs")
@@ -212,7 +223,24 @@ def _status_upstream(ns: argparse.Namespace) -> int:
             cells.insert(5, live.get(r["ref"], ""))
         table.add_row(*cells, (r["error"] or "")[:80])
     console.print(table)
+    if drift is not None:
+        _print_upstream_drift(drift)
+        return 1 if drift.drift else 0
     return 0
+
+
+def _print_upstream_drift(drift: UpstreamDrift) -> None:
+    if not drift.drift:
+        console.print("[green]no drift: every job Done upstream has its files, every file a Done job[/]")
+    for title, items in (
+        ("Done upstream without its files", drift.done_without_files),
+        ("files handed back for a job not Done upstream", drift.files_without_done),
+        ("could not ask the upstream", drift.unreachable),
+    ):
+        if items:
+            console.print(f"[red]{title} ({len(items)}):[/]")
+            for item in items[:50]:
+                console.print(f"  {item}")
 
 
 def cmd_cancel(ns: argparse.Namespace) -> int:
@@ -386,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="upstream (DIRAC) jobs next to their Airlock jobs, read from the gateway's database",
     )
     p.add_argument(
-        "--live", action="store_true", help="with --upstream: also ask DIRAC for each job's status"
+        "--live",
+        action="store_true",
+        help="with --upstream: also ask DIRAC for each job's status and flag drift (exit 1)",
     )
     p.add_argument(
         "--config", type=Path, help="with --upstream: TOML configuration file (env AIRLOCK_CONFIG)"
