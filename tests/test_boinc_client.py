@@ -132,6 +132,9 @@ def test_two_boinc_clients_take_a_batch_to_trusted_storage(gateway: LiveGateway,
             )
             by_job = {int(name.split("_")[1]): h for name, h in zip(running, hosts, strict=True)}
             cancelled_host, crashed_host = by_job[cancel_id], by_job[crash_id]
+            # A client dies mid-task, at once (the cancel below takes longer than that task's 15 s);
+            # the other client finishes the task once its deadline has passed.
+            crashed_host.kill()
 
             # The operator cancels a job: its client is told to abort, and the app dies at once.
             assert op.post(f"/api/v1/jobs/{cancel_id}/cancel").status_code == 200
@@ -143,8 +146,6 @@ def test_two_boinc_clients_take_a_batch_to_trusted_storage(gateway: LiveGateway,
                 poke,
             )
 
-            # A client dies mid-task; the other finishes its task once the deadline has passed.
-            crashed_host.kill()
             quick = op.post("/api/v1/batches", json={"name": "quick", "jobs": [
                 job(f"quick-{i}", 1) for i in range(3)]}).json()["jobs"]  # fmt: skip
             want = [crash_id, *quick]
