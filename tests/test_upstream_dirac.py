@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -375,3 +376,56 @@ def test_a_crash_midway_through_the_hand_back_redoes_without_duplicating(
     fetch.mkdir()
     dirac_server.run(["dirac-wms-job-get-output", str(job_id)], cwd=fetch)
     assert (fetch / str(job_id) / "result.txt").read_bytes() == b"42\n"
+
+
+def test_a_real_gateway_and_a_real_agent_run_alice_s_dirac_job(
+    dirac_server: DiracServer, tmp_path: Path
+) -> None:
+    """The whole BelleII@home path with nothing in process: `airlock serve` pulling from DIRAC with its
+    own loops, a real `airlock agent` (in bubblewrap where it can) running the job, and alice getting
+    output and replica with DIRAC's tools."""
+    from .live import LiveGateway
+    from .test_e2e import _bwrap_ok
+
+    sandbox = _bwrap_ok()
+    proxies = tmp_path / "owner-proxies"
+    proxies.mkdir(mode=0o700)
+    shutil.copyfile(dirac_server.alice_proxy, proxies / "alice.proxy")
+    (proxies / "alice.proxy").chmod(0o600)
+    gw = LiveGateway(
+        tmp_path / "gw",
+        upstream="dirac",
+        dirac_dir=str(dirac_server.root),
+        dirac_site=dirac_server.site,
+        dirac_owner_proxy_dir=str(proxies),
+        dirac_output_se=dirac_server.se,
+        dirac_poll_interval_s="1",
+        dirac_heartbeat_interval_s="0",
+    ).start()
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        with gw.op() as op:
+            r = op.post("/api/v1/volunteers", json={"name": "vera", "password": "correct horse battery"})
+            assert r.status_code == 201, r.text
+        job_id, out_path = submit(dirac_server, tmp_path / "alice", "airlock-live")
+        cmd = [sys.executable, "-m", "airlock", "agent", "--server", gw.url, "--user", "vera",
+               "--password", "correct horse battery", "--work-dir", str(tmp_path / "agent"),
+               "--poll-max", "1"]  # fmt: skip
+        if not sandbox:
+            cmd.append("--no-sandbox")
+        log = (tmp_path / "agent.log").open("wb")
+        agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        st = dirac_server.wait_status(job_id, "Done", timeout=240)
+        assert st["MinorStatus"] == "Execution Complete", st
+        fetch = tmp_path / "alice-out"
+        fetch.mkdir()
+        dirac_server.run(["dirac-wms-job-get-output", str(job_id)], cwd=fetch)
+        assert (fetch / str(job_id) / "result.txt").read_bytes() == b"42\n"
+        res = dirac_server.run(["dirac-dms-lfn-replicas", f"{out_path}/result.txt"])
+        assert "BOINC-SE" in res.stdout, res.stdout
+        assert_no_credentials((tmp_path / "agent.log").read_text(errors="replace"), dirac_server)
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(timeout=20)
+        gw.stop()

@@ -67,12 +67,15 @@ class BackgroundLoops:
         ]
         sync = upstream_sync(gw)  # None for Airlock's own API: nothing to pull
         if sync is not None:
-            every = s.dirac_poll_interval_s
-            self.loops += [
-                Loop("upstream-generator", sync.generate, every),
-                Loop("upstream-status", sync.monitor, every),
-                Loop("upstream-outputs", sync.finish, every),
-            ]
+            # One loop, the three steps in turn: run side by side, a status report computed before the
+            # hand-back reported Done could reach DIRAC after it, and the job would stay Running there.
+            self.loops.append(
+                Loop(
+                    "upstream",
+                    lambda: sync.generate() + sync.monitor() + sync.finish(),
+                    s.dirac_poll_interval_s,
+                )
+            )
 
     def start(self) -> None:
         for loop in self.loops:
