@@ -18,7 +18,7 @@ from airlock.core.errors import BadInput, Unauthorized
 from airlock.core.schemas import Strict, TokenResponse
 from airlock.credentials import accounts, crl
 from airlock.credentials.ca import CA, load_ca
-from airlock.credentials.tokens import COMPUTE_SCOPES, record_credential, require_compute
+from airlock.credentials.tokens import COMPUTE_SCOPES, record_credential
 from airlock.credentials.vccs import VCCS
 from airlock.db.engine import read, utcnow
 from airlock.db.transitions import record_event
@@ -69,9 +69,7 @@ def _login(gw: GatewayDep, authorization: str | None, authenticator: str | None)
     """The caller's volunteer id from a bearer token, a user name and password, or a BOINC authenticator."""
     scheme, _, value = (authorization or "").partition(" ")
     if scheme.lower() == "bearer" and value:
-        claims = gw.issuer.verify(value.strip())
-        require_compute(claims)
-        return claims.volunteer_id
+        return gw.issuer.verify_compute(value.strip()).volunteer_id
     if scheme.lower() == "basic" and value:
         try:
             user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")

@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from airlock.context import Gateway
 from airlock.core.errors import Unauthorized
 from airlock.core.schemas import INT32
-from airlock.credentials.tokens import Claims, require_compute
+from airlock.credentials.tokens import Claims
 from airlock.credentials.x509auth import claims_from_chain, peer_chain
 
 bearer = HTTPBearer(auto_error=False, description="operator token or volunteer access token")
@@ -55,18 +55,14 @@ async def volunteer(gw: GatewayDep, creds: Credentials, request: Request) -> Cla
         from airlock.api.credentials import vccs  # the CA, loaded once
 
         return await anyio.to_thread.run_sync(lambda: claims_from_chain(gw.engine, vccs(gw).ca, chain))
-    claims = gw.issuer.verify(_token(creds))
-    require_compute(claims)
-    return claims
+    return gw.issuer.verify_compute(_token(creds))
 
 
 async def volunteer_or_operator(gw: GatewayDep, creds: Credentials) -> Claims | str:
     token = _token(creds)
     if _is_operator(gw, token):
         return "operator"
-    claims = gw.issuer.verify(token)
-    require_compute(claims)
-    return claims
+    return gw.issuer.verify_compute(token)
 
 
 Operator = Annotated[str, Depends(operator)]

@@ -33,7 +33,7 @@ from airlock.bridge.quarantine import receive_upload
 from airlock.context import Gateway
 from airlock.core.errors import TooLarge
 from airlock.core.schemas import INT32, Heartbeat, TaskReport, WorkRequest
-from airlock.credentials.tokens import Claims, require_compute
+from airlock.credentials.tokens import Claims
 from airlock.db.engine import writer_turn
 
 log = logging.getLogger("airlock.api")
@@ -153,11 +153,6 @@ class HotRoutes:
             reply, status, kind = b"scheduler error; try again later\n", 500, "text/plain"
         await respond(send, status, reply, kind)
 
-    def _volunteer(self, token: str) -> Claims:
-        claims = self.gw.issuer.verify(token)
-        require_compute(claims)
-        return claims
-
     async def _json(
         self,
         receive: Receive,
@@ -170,7 +165,7 @@ class HotRoutes:
         try:
             if body is None:
                 raise TooLarge(f"the request body is over {MAX_JSON_BYTES} bytes")
-            who = self._volunteer(token)
+            who = self.gw.issuer.verify_compute(token)
             if not body:
                 await respond_error(send, errors.missing_body())
                 return

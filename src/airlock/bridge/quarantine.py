@@ -24,7 +24,7 @@ from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
 from airlock.db.engine import read, utcnow, writer_turn
-from airlock.db.fast import Fast
+from airlock.db.fast import Fast, bound
 from airlock.db.transitions import record_event
 from airlock.scheduler.leases import lease_is_live
 from airlock.storage.base import AlreadyExists, Storage
@@ -100,7 +100,6 @@ def authorise_upload(
 
 
 _F = schema.files
-_OUTPUT_COLUMNS = ("name", "size", "adler32", "sha256", "location", "job_id", "task_id", "volunteer_id")
 _OUTPUT_RECORDED = Fast(
     select(_F.c.id).where(
         _F.c.kind == "output", _F.c.task_id == bindparam("task_id"), _F.c.name == bindparam("name")
@@ -111,7 +110,8 @@ _INSERT_OUTPUT = Fast(
     .values(
         kind="output",
         state=FileState.QUARANTINED.value,
-        **{c: bindparam(c, type_=_F.c[c].type) for c in (*_OUTPUT_COLUMNS, "host_id", "created_at")},
+        **bound(_F, "name", "size", "adler32", "sha256", "location", "job_id", "task_id"),
+        **bound(_F, "volunteer_id", "host_id", "created_at"),
     )
     .returning(_F.c.id)
 )
@@ -212,11 +212,11 @@ async def receive_upload(
                 raise Conflict(
                     f"{name} was already uploaded for task {task_id}; files in quarantine are immutable"
                 ) from None
-            _record(target, digest, rate)  # the row may be missing if a crash came in between
+            _record()  # the row may be missing if a crash came in between
             return False
-        return _record(target, digest, rate)
+        return _record()
 
-    def _record(target: UploadTarget, digest: Digest, rate: float | None) -> bool:
+    def _record() -> bool:
         try:
             with engine.begin() as conn:
                 return record_upload(conn, target, digest, rate)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from sqlalchemy import Connection, bindparam, insert
+from sqlalchemy import Connection, insert
 
 from airlock.core.errors import Forbidden, Unauthorized
 from airlock.credentials.keys import SigningKey, load_signing_keys
 from airlock.db import schema
-from airlock.db.fast import Fast
+from airlock.db.fast import Fast, bound
 
 WLCG_VERSION = "1.0"
 COMPUTE_SCOPES = ("compute.read", "compute.modify", "compute.create")
@@ -141,6 +141,12 @@ class TokenIssuer:
         self._verified[token] = claims
         return claims
 
+    def verify_compute(self, token: str) -> Claims:
+        """A volunteer's access token: verified, and carrying the compute scopes."""
+        claims = self.verify(token)
+        require_compute(claims)
+        return claims
+
     def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
@@ -195,12 +201,7 @@ def allows_create(claims: Claims, path: str) -> bool:
 
 _C = schema.credentials
 _INSERT_CREDENTIAL = Fast(
-    insert(_C).values(
-        {
-            c: bindparam(c, type_=_C.c[c].type)
-            for c in ("jti", "kind", "volunteer_id", "task_id", "scope", "not_before", "not_after")
-        }
-    )
+    insert(_C).values(bound(_C, "jti", "kind", "volunteer_id", "task_id", "scope", "not_before", "not_after"))
 )
 
 

@@ -45,7 +45,7 @@ class WriterGate:
     released. The busy handler is left for anything else that writes to the file.
 
     An event loop must not wait for another process's turn: that stops every request it is serving.
-    `reserve()` lets it wait in a helper thread instead: the turn is then held for the loop's thread,
+    `turn()` lets it wait in a helper thread instead: the turn is then reserved for the loop's thread,
     and the next write transaction begun on that thread uses it (`begin()` on the loop thread takes a
     held reservation rather than waiting, so it can never wait for a turn that only it could use).
     """
@@ -97,15 +97,12 @@ class WriterGate:
                     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
                     self._fd = os.open(f"{self._path}-writer.lock", flags, 0o600)
                 fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BaseException as exc:  # the flock is taken (non-blocking) or failed: the turn is free again
             with self._cond:
                 self._state, self._for = "free", None
                 self._cond.notify_all()
-            return False
-        except BaseException:
-            with self._cond:
-                self._state, self._for = "free", None
-                self._cond.notify_all()
+            if isinstance(exc, BlockingIOError):
+                return False
             raise
         with self._cond:
             self._state, self._for = state, owner

@@ -16,12 +16,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table, bindparam
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.expression import ClauseElement
 
 Processor = Callable[[Any], Any] | None
+
+
+def bound(table: Table, *columns: str) -> dict[str, BindParameter[Any]]:
+    """`{column: bindparam(column)}` with each column's type, for `insert(...).values(...)` of a `Fast`
+    statement (the type's bind processor then applies, as `Connection.execute` would)."""
+    return {c: bindparam(c, type_=table.c[c].type) for c in columns}
 
 
 @dataclass
