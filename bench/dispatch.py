@@ -291,6 +291,7 @@ def start_profiler(server: Server, seconds: float, out: Path) -> subprocess.Pope
         console.print("[yellow]--profile: py-spy not found (pip install py-spy into the venv)[/]")
         return None
     assert server.proc is not None
+    out.unlink(missing_ok=True)  # a stale profile must not pass for this run's
     cmd = [py_spy, "record", "--pid", str(server.proc.pid), "--duration", str(max(1, int(seconds)))]
     cmd += ["--rate", "100", "--format", "raw", "--output", str(out), "--nonblocking", "--subprocesses"]
     cmd += server.args.py_spy_args.split()

@@ -14,7 +14,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import re
+import sys
+from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI, Request, Response
@@ -127,14 +130,54 @@ def fastapi_app(public_url: str) -> FastAPI:
     return app
 
 
+def asgi_app(public_url: str) -> Any:
+    """The same canned replies as a bare ASGI callable (no framework): the server stack's own cost."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        status, body = route(scope["method"], scope["path"], public_url)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def asgi_app_from_env() -> Any:
+    return asgi_app(os.environ["FAKESERVER_PUBLIC_URL"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kind", choices=["raw", "fastapi"], default="raw")
+    parser.add_argument("--kind", choices=["raw", "fastapi", "asgi", "asgi-granian"], default="raw")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     public_url = f"http://127.0.0.1:{args.port}"
+    if args.kind == "asgi-granian":
+        from granian.constants import Interfaces, Loops
+        from granian.server import Server
+
+        os.environ["FAKESERVER_PUBLIC_URL"] = public_url
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        Server(
+            "fakeserver:asgi_app_from_env", address="127.0.0.1", port=args.port, interface=Interfaces.ASGI,
+            loop=Loops.uvloop, log_access=False, workers=1, factory=True,
+        ).serve()
+        return
+    if args.kind == "asgi":
+        import uvicorn
+
+        uvicorn.run(
+            asgi_app(public_url), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+        )
+        return
     if args.kind == "fastapi":
         import uvicorn
 

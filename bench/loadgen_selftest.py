@@ -1,7 +1,7 @@
 """How much load can the generator produce? Runs the benchmark's own client code (workload.py) against a
 stand-in server (fakeserver.py) and reports the generator's CPU cost per request and per cycle.
 
-    python bench/loadgen_selftest.py [--seconds 5] [--hosts 64] [--kind raw|fastapi]
+    python bench/loadgen_selftest.py [--seconds 5] [--hosts 64] [--kind raw|fastapi|asgi|asgi-granian]
 
 With `--kind raw` the stand-in costs almost nothing per request, so the rates printed are close to the
 generator's own ceiling when it shares the machine with a server.
@@ -80,7 +80,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hosts", type=int, default=64)
-    parser.add_argument("--kind", choices=["raw", "fastapi"], default="raw")
+    parser.add_argument("--kind", choices=["raw", "fastapi", "asgi", "asgi-granian"], default="raw")
     args = parser.parse_args()
     print("event loop:", install_fast_loop())
     asyncio.run(main_async(args))

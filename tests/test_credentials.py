@@ -567,3 +567,30 @@ def test_registration_is_closed_unless_the_operator_opens_it(api: Api) -> None:
     r = api.client.post("/api/v1/auth/token", json={"username": "walkin", "password": PASSWORD})
     assert_error(r, 401, "wrong user name or password")
     assert api.snapshot() == before
+
+
+def test_tokens_the_issuer_signed_verify_as_a_fresh_verifier_sees_them(api: Api) -> None:
+    """The issuer remembers what it signed (so an upload skips the signature check): what it answers
+    from memory is what a verifier that never saw the token answers, including for an expired one."""
+    from airlock.credentials.tokens import TokenIssuer
+
+    issuer = api.gw.issuer
+    fresh = TokenIssuer(issuer.issuer, issuer.keys, issuer.audience)
+    scopes = ["storage.create:/quarantine/7/99"]
+    live = issuer.issue(7, scopes, utcnow(), timedelta(minutes=10))
+    remembered, checked = issuer.verify(live.token), fresh.verify(live.token)
+    assert (remembered.volunteer_id, remembered.scopes, remembered.jti, remembered.expires) == (
+        checked.volunteer_id,
+        checked.scopes,
+        checked.jti,
+        checked.expires,
+    )
+    assert remembered.raw == checked.raw
+    dead = issuer.issue(7, scopes, utcnow() - timedelta(hours=2), timedelta(minutes=10))
+    for verifier in (issuer, fresh):
+        with pytest.raises(Exception, match="expired"):
+            verifier.verify(dead.token)
+    head, _body, sig = live.token.split(".")
+    forged = ".".join([head, b64url_json({**checked.raw, "scope": "storage.create:/quarantine"}), sig])
+    with pytest.raises(Exception, match="invalid token"):
+        issuer.verify(forged)

@@ -33,6 +33,7 @@ from airlock.core.schemas import (
 from airlock.credentials import accounts
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims
+from airlock.db.engine import hot_begin
 from airlock.generator.inputs import input_key, lookup_input
 from airlock.scheduler.dispatch import register_host, request_work
 from airlock.scheduler.leases import heartbeat
@@ -69,17 +70,17 @@ async def hosts(gw: GatewayDep, who: Volunteer, body: HostRegistration) -> HostR
 # The operations behind the hot routes, shared by these FastAPI routes (the OpenAPI document, and any
 # request the front in `api.hot` passes on) and by that front itself.
 def work_for(gw: Gateway, who: Claims, body: WorkRequest) -> WorkReply:
-    with gw.engine.begin() as conn:
+    with hot_begin(gw.engine) as conn:
         return request_work(conn, gw.settings, gw.issuer, who.volunteer_id, body)
 
 
 def heartbeat_for(gw: Gateway, who: Claims, task_id: int, body: Heartbeat) -> HeartbeatReply:
-    with gw.engine.begin() as conn:
+    with hot_begin(gw.engine) as conn:
         return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id, gw.issuer)
 
 
 def report_for(gw: Gateway, who: Claims, task_id: int, body: TaskReport) -> ReportAccepted:
-    with gw.engine.begin() as conn:
+    with hot_begin(gw.engine) as conn:
         return report_task(conn, who.volunteer_id, task_id, body)
 
 

@@ -21,6 +21,7 @@ from airlock.core.faults import crash_point
 from airlock.core.states import FileState, JobState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.schema import file_kind
 from airlock.db.transitions import transition
 from airlock.scheduler.replication import finish_values, revoke_result
 from airlock.storage.base import DigestMismatch, Storage
@@ -58,7 +59,7 @@ def _assimilate_batch(engine: Engine, quarantine: Storage, trusted: Storage, job
         }
         outputs: dict[int, list[Any]] = {}
         for out in conn.execute(
-            select(f).where(f.c.kind == "output", f.c.task_id.in_(list(tasks))).order_by(f.c.name)
+            select(f).where(file_kind("output"), f.c.task_id.in_(list(tasks))).order_by(f.c.name)
         ):
             outputs.setdefault(out.task_id, []).append(out)
 

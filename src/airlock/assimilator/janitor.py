@@ -15,6 +15,7 @@ from airlock.config import Settings
 from airlock.core.states import JOB_FINAL, FileState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.schema import file_kind
 from airlock.db.transitions import transition
 from airlock.storage.base import Storage
 
@@ -42,7 +43,7 @@ def sweep_quarantine(
             .join(t, t.c.id == f.c.task_id)
             .join(j, j.c.id == t.c.job_id)
             .where(
-                f.c.kind == "output",
+                file_kind("output"),
                 f.c.state == FileState.QUARANTINED.value,
                 f.c.created_at <= cutoff,
                 or_(t.c.state.in_(_BAD), j.c.state.in_([s.value for s in JOB_FINAL])),

@@ -34,8 +34,9 @@ from airlock.core.schemas import HostRegistration, OutputReport, TaskReport, Wor
 from airlock.core.states import TaskState, VolunteerState
 from airlock.credentials.tokens import COMPUTE_SCOPES, TokenIssuer, record_credential
 from airlock.db import schema
-from airlock.db.engine import utcnow
+from airlock.db.engine import hot_begin, utcnow
 from airlock.db.fast import Fast
+from airlock.db.schema import file_kind
 from airlock.generator.inputs import input_key
 from airlock.scheduler.dispatch import host_row, lease_tasks, register_host
 from airlock.scheduler.report import report_task
@@ -70,12 +71,12 @@ _LEASED_HERE = Fast(
 _SPEC = Fast(select(_J.c.spec).where(_J.c.id == bindparam("id")))
 _OUTPUTS = Fast(
     select(_F.c.name, _F.c.size, _F.c.adler32, _F.c.sha256).where(
-        _F.c.task_id == bindparam("task"), _F.c.kind == "output"
+        _F.c.task_id == bindparam("task"), file_kind("output")
     )
 )
 _INPUT = Fast(
     select(_F.c.id, _F.c.sha256, _F.c.size, _F.c.md5).where(
-        _F.c.kind == "input", _F.c.sha256 == bindparam("sha256")
+        file_kind("input"), _F.c.sha256 == bindparam("sha256")
     )
 )
 
@@ -98,7 +99,7 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
     )
     if not req.has_code_sign_key and rpc.project.code_sign_key:
         reply.code_sign_key = rpc.project.code_sign_key
-    with engine.begin() as conn:
+    with hot_begin(engine) as conn:
         volunteer = _VOLUNTEER.one_or_none(conn, {"auth": req.authenticator})
         if volunteer is None:
             reply.messages.append(

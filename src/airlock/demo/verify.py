@@ -13,6 +13,7 @@ from sqlalchemy import select
 from airlock.context import Gateway
 from airlock.db import schema
 from airlock.db.engine import read
+from airlock.db.schema import file_kind
 from airlock.demo import lbmc
 from airlock.demo.lbmc_validator import LbmcValidator
 from airlock.validator.apps import Output
@@ -25,7 +26,7 @@ def untampered(gw: Gateway, batch_id: int) -> tuple[int, list[str]]:
         rows = conn.execute(
             select(f.c.location, f.c.size, f.c.sha256, j.c.name, j.c.spec)
             .join(j, j.c.id == f.c.job_id)
-            .where(f.c.kind == "trusted", j.c.batch_id == batch_id, f.c.name == "events.root")
+            .where(file_kind("trusted"), j.c.batch_id == batch_id, f.c.name == "events.root")
         ).all()
     validator = LbmcValidator()
     bad: list[str] = []

@@ -14,6 +14,7 @@ from airlock.core.schemas import HEX64, InputStored
 from airlock.core.states import FileState
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.schema import file_kind
 from airlock.storage.base import AlreadyExists, Storage
 
 MAX_INPUT = 16 * 2**30
@@ -64,7 +65,7 @@ def lookup_input(conn: Connection, sha256: str) -> Digest:
         raise BadInput("an input is named by the 64 hex digits of its sha256")
     f = schema.files
     row = conn.execute(
-        select(f.c.size, f.c.adler32, f.c.sha256).where(f.c.kind == "input", f.c.sha256 == sha256)
+        select(f.c.size, f.c.adler32, f.c.sha256).where(file_kind("input"), f.c.sha256 == sha256)
     ).one_or_none()
     if row is None:
         raise NotFound(f"no input {sha256} in the cache")

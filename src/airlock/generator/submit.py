@@ -12,6 +12,7 @@ from airlock.core.schemas import BatchCreated, BatchSpec, JobSpec, merge_default
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event
 
 
@@ -48,7 +49,7 @@ def _check_inputs(conn: Connection, spec: BatchSpec) -> None:
     for start in range(0, len(wanted_list), 500):
         chunk = wanted_list[start : start + 500]
         for row in conn.execute(
-            select(f.c.sha256, f.c.size, f.c.adler32).where(f.c.kind == "input", f.c.sha256.in_(chunk))
+            select(f.c.sha256, f.c.size, f.c.adler32).where(file_kind("input"), f.c.sha256.in_(chunk))
         ):
             cached[row.sha256] = (row.size, row.adler32)
     for job in spec.jobs:

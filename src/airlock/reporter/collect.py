@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, func, select
 
 from airlock.core.states import TASK_FINAL, JobState, TaskState
-from airlock.db.schema import batches, files, hosts, jobs, tasks, volunteers
+from airlock.db.schema import batches, file_kind, files, hosts, jobs, tasks, volunteers
 from airlock.reporter.model import HostRow, Outcomes, Reason, ReturnTimes
 
 FINAL_TASK_STATES = [s.value for s in TaskState if s in TASK_FINAL]
@@ -134,7 +134,7 @@ def physics_files(conn: Connection, *, batch_id: int | None = None) -> list[str]
         select(files.c.location)
         .join(jobs, jobs.c.id == files.c.job_id)
         .where(
-            files.c.kind == "trusted",
+            file_kind("trusted"),
             files.c.name == LBMC_OUTPUT,
             jobs.c.app == LBMC_APP,
             jobs.c.state == JobState.DONE.value,

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from airlock.core.states import JobState
-from airlock.db.schema import files, jobs
+from airlock.db.schema import file_kind, files, jobs
 from airlock.reporter.model import MissingOutput, Orphan, Reconciliation, StateRow
 from airlock.storage.base import Storage
 
@@ -43,7 +43,7 @@ def _trusted_files(conn: Connection) -> list[tuple[_TrustedFile, str, int]]:
     q = (
         select(files.c.job_id, files.c.name, files.c.location, jobs.c.state, jobs.c.batch_id)
         .join(jobs, jobs.c.id == files.c.job_id)
-        .where(files.c.kind == "trusted")
+        .where(file_kind("trusted"))
         .order_by(files.c.id)
     )
     return [(_TrustedFile(r.job_id, r.name, r.location), r.state, r.batch_id) for r in conn.execute(q)]

@@ -10,6 +10,7 @@ from airlock.core.errors import NotFound
 from airlock.core.schemas import BatchView, FileView, HostView, JobView, TaskView
 from airlock.db import schema
 from airlock.db.engine import utcnow
+from airlock.db.schema import file_kind
 from airlock.scheduler.quota import today
 
 
@@ -104,7 +105,7 @@ def get_job(conn: Connection, job_id: int) -> JobView:
     tasks = [_task_view(r) for r in conn.execute(select(t).where(t.c.job_id == job_id).order_by(t.c.id))]
     outputs = [
         _file_view(r)
-        for r in conn.execute(select(f).where(f.c.kind == "trusted", f.c.job_id == job_id).order_by(f.c.name))
+        for r in conn.execute(select(f).where(file_kind("trusted"), f.c.job_id == job_id).order_by(f.c.name))
     ]
     return _job_view(row, tasks, outputs)
 
@@ -112,7 +113,7 @@ def get_job(conn: Connection, job_id: int) -> JobView:
 def trusted_output(conn: Connection, job_id: int, name: str) -> Any:
     f = schema.files
     row = conn.execute(
-        select(f).where(f.c.kind == "trusted", f.c.job_id == job_id, f.c.name == name)
+        select(f).where(file_kind("trusted"), f.c.job_id == job_id, f.c.name == name)
     ).one_or_none()
     if row is None:
         raise NotFound(f"job {job_id} has no validated output {name!r}")

@@ -28,6 +28,7 @@ from airlock.credentials.tokens import Issued, TokenIssuer, quarantine_path, rec
 from airlock.db import schema
 from airlock.db.engine import is_sqlite, utcnow
 from airlock.db.fast import Fast
+from airlock.db.schema import file_kind
 from airlock.db.transitions import in_states, record_event, transition
 from airlock.scheduler.quota import remaining, today
 
@@ -104,7 +105,7 @@ _TOUCH_HOST = Fast(
 )
 _INPUT = Fast(
     select(schema.files.c.sha256, schema.files.c.size, schema.files.c.adler32).where(
-        schema.files.c.kind == "input", schema.files.c.sha256 == bindparam("sha256")
+        file_kind("input"), schema.files.c.sha256 == bindparam("sha256")
     )
 )
 
@@ -143,6 +144,22 @@ class Lease:
 class Leasing:
     leases: list[Lease]
     refusal: WorkReply | None = None  # why the host may take nothing now (its daily quota)
+
+
+# An input's size and checksums are functions of its content, named by its digest: once read they hold
+# for every database (inputs are never deleted), so a work reply does not look them up again.
+_INPUT_DIGESTS: dict[str, Any] = {}
+INPUT_DIGESTS_KEPT = 10_000
+
+
+def _input_digest(conn: Connection, sha256: str) -> Any:
+    found = _INPUT_DIGESTS.get(sha256)
+    if found is None:
+        found = _INPUT.one(conn, {"sha256": sha256})
+        if len(_INPUT_DIGESTS) >= INPUT_DIGESTS_KEPT:
+            _INPUT_DIGESTS.clear()
+        _INPUT_DIGESTS[sha256] = found
+    return found
 
 
 def lease_tasks(
@@ -270,7 +287,7 @@ def _assignment(
     )
     inputs = []
     if spec["inputs"]:
-        digests = {i["sha256"]: _INPUT.one(conn, {"sha256": i["sha256"]}) for i in spec["inputs"]}
+        digests = {i["sha256"]: _input_digest(conn, i["sha256"]) for i in spec["inputs"]}
         for inp in spec["inputs"]:
             d = digests[inp["sha256"]]
             inputs.append(

@@ -44,6 +44,7 @@ from airlock.core.schemas import FILE_NAME_RE, BatchSpec, InputSpec, JobSpec, Ou
 from airlock.core.states import JobState, TaskState, UpstreamJobState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event, transition
 from airlock.generator.inputs import input_key, register_input
 from airlock.generator.submit import submit_batch
@@ -451,7 +452,7 @@ class UpstreamSync:
         """The validated outputs, read from TRUSTED storage only (staged locally if it is remote)."""
         f = schema.files
         with read(self.gw.engine) as conn:
-            files = list(conn.execute(select(f).where(f.c.kind == "trusted", f.c.job_id == row.job_id)))
+            files = list(conn.execute(select(f).where(file_kind("trusted"), f.c.job_id == row.job_id)))
         out: dict[str, Path] = {}
         for tf in files:
             path = self.gw.trusted.local_path(tf.location)

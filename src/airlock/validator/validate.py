@@ -22,6 +22,7 @@ from airlock.core.checksums import Digest
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event, transition
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
@@ -154,9 +155,7 @@ def fetch_remote_outputs(
         with read(engine) as conn:
             recorded = list(
                 conn.execute(
-                    select(schema.files).where(
-                        schema.files.c.kind == "output", schema.files.c.task_id == task.id
-                    )
+                    select(schema.files).where(file_kind("output"), schema.files.c.task_id == task.id)
                 )
             )
     return recorded, fetched
@@ -190,7 +189,7 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
         files: dict[int, list[Any]] = {}
         if rows:
             for frow in conn.execute(
-                select(f).where(f.c.kind == "output", f.c.task_id.in_([r.id for r in rows]))
+                select(f).where(file_kind("output"), f.c.task_id.in_([r.id for r in rows]))
             ):
                 files.setdefault(frow.task_id, []).append(frow)
     verdicts: list[tuple[Any, Verdict]] = []
