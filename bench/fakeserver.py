@@ -167,8 +167,14 @@ def main() -> None:
         os.environ["FAKESERVER_PUBLIC_URL"] = public_url
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         Server(
-            "fakeserver:asgi_app_from_env", address="127.0.0.1", port=args.port, interface=Interfaces.ASGI,
-            loop=Loops.uvloop, log_access=False, workers=1, factory=True,
+            "fakeserver:asgi_app_from_env",
+            address="127.0.0.1",
+            port=args.port,
+            interface=Interfaces.ASGI,
+            loop=Loops.uvloop,
+            log_access=False,
+            workers=1,
+            factory=True,
         ).serve()
         return
     if args.kind == "asgi":
