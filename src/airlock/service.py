@@ -8,6 +8,9 @@ processes may run them side by side.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from airlock.assimilator.assimilate import assimilate_pending
 from airlock.assimilator.janitor import PARTIAL_MAX_AGE_S, sweep_quarantine
 from airlock.boinc.apps import boinc_dir
 from airlock.boinc.upload import sweep_staging
+from airlock.config import Settings
 from airlock.context import Gateway
 from airlock.scheduler.leases import expire_leases
 from airlock.upstream.registry import upstream_sync
@@ -92,3 +96,80 @@ class BackgroundLoops:
     def run_once(self) -> int:
         """One pass of every loop, in order (tests and `airlock worker --once`)."""
         return sum(loop.step() for loop in self.loops)
+
+
+# ------------------------------------------------------------------------- the loops in a process
+PARENT_POLL_S = 0.5
+
+
+def _run_loops_until_told(settings: Settings, parent_pid: int, log_level: int) -> None:
+    """A loops process: its own gateway connection, the loops in threads, until SIGTERM or its parent
+    (the serving process) is gone."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gw = Gateway.open(settings, serving=False)
+    loops = BackgroundLoops(gw)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    loops.start()
+    try:
+        while not done.wait(PARENT_POLL_S):
+            if os.getppid() != parent_pid:
+                log.warning("the serving process is gone; stopping the background loops")
+                break
+    finally:
+        loops.stop()
+        gw.close()
+
+
+class LoopsProcess:
+    """The background loops of a one-process `airlock serve`, run in a child process: on the GIL of
+    the serving process they took about as much CPU as the requests (validating and assimilating a
+    job costs about what dispatching it does), and the requests waited for it. Apart, each has a core.
+    Their work is claimed through the database, as with several gateway processes. A child that dies
+    is started again (after RESTART_DELAY_S), so a crash there never leaves a gateway without loops."""
+
+    RESTART_DELAY_S = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.level = logging.getLogger("airlock").getEffectiveLevel()
+        self.stopping = threading.Event()
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.watcher: threading.Thread | None = None
+
+    def _spawn(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no engine or threads inherited
+        self.process = ctx.Process(
+            target=_run_loops_until_told,
+            args=(self.settings, os.getpid(), self.level),
+            name="airlock-loops",
+        )
+        self.process.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            assert self.process is not None
+            self.process.join()
+            if self.stopping.wait(self.RESTART_DELAY_S):
+                return
+            log.error("the background loops process exited (%s); starting it again", self.process.exitcode)
+            self._spawn()
+            if self.stopping.is_set():  # stop() came while it started: it may not have seen this one
+                self.process.terminate()
+
+    def start(self) -> None:
+        self._spawn()
+        self.watcher = threading.Thread(target=self._watch, name="airlock-loops-watch", daemon=True)
+        self.watcher.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.stopping.set()
+        process = self.process
+        if process is None or process.pid is None:
+            return
+        process.terminate()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -14,7 +14,7 @@ from airlock.api.tls import https_options
 from airlock.config import Settings, load_settings
 from airlock.context import Gateway
 from airlock.db.migrate import upgrade
-from airlock.service import BackgroundLoops
+from airlock.service import BackgroundLoops, LoopsProcess
 
 WORKER_ENV = "AIRLOCK_SERVER_WORKER"
 
@@ -43,7 +43,16 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         **https_options(settings),
     }
     if settings.workers == 1:
-        uvicorn.run(serving_app(gw), **common)  # type: ignore[arg-type]
+        # The loops in a process of their own (see LoopsProcess), the requests in this one.
+        loops_process = LoopsProcess(settings) if settings.background else None
+        if loops_process:
+            loops_process.start()
+        try:
+            uvicorn.run(serving_app(gw, background=False), **common)  # type: ignore[arg-type]
+        finally:
+            if loops_process:
+                loops_process.stop()
+            logging.getLogger("airlock").info("gateway stopped")
         return
     # Several HTTP processes; the background loops run once, in this supervising process.
     for name, value in settings.model_dump(mode="json", exclude_none=True).items():

@@ -35,7 +35,7 @@ def trusted_key(batch_id: int, job_id: int, name: str) -> str:
     return f"trusted/{batch_id}/{job_id}/{name}"
 
 
-BATCH = 50  # jobs per write transaction: fewer commits, and the writer lock is never held for long
+BATCH = 10  # jobs per write transaction: fewer commits, and the writer lock is never held for long
 
 
 def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id: int) -> bool:

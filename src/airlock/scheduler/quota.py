@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Connection, case, update
+from sqlalchemy import Connection, Integer, bindparam, case, update
 
 from airlock.db import schema
+from airlock.db.fast import Fast
 
 _COUNTER = {"valid": "n_valid", "invalid": "n_invalid", "error": "n_error", "lost": "n_lost"}
 
@@ -24,13 +25,23 @@ def remaining(
     return max(0, daily_quota * cores - used)
 
 
-def record_outcome(conn: Connection, host_id: int, outcome: str, max_quota: int) -> None:
-    """Count a task outcome against its host and adjust the host's quota."""
+def _outcome_statement(outcome: str) -> Fast:
     h = schema.hosts
     counter = getattr(h.c, _COUNTER[outcome])
+    max_quota = bindparam("max_quota", type_=Integer)
     if outcome == "valid":
         quota = case((h.c.daily_quota * 2 > max_quota, max_quota), else_=h.c.daily_quota * 2)
     else:
         capped = case((h.c.daily_quota > max_quota, max_quota), else_=h.c.daily_quota)
         quota = case((capped - 1 < 1, 1), else_=capped - 1)
-    conn.execute(update(h).where(h.c.id == host_id).values({counter: counter + 1, h.c.daily_quota: quota}))
+    return Fast(
+        update(h).where(h.c.id == bindparam("host")).values({counter: counter + 1, h.c.daily_quota: quota})
+    )
+
+
+_OUTCOME = {outcome: _outcome_statement(outcome) for outcome in _COUNTER}
+
+
+def record_outcome(conn: Connection, host_id: int, outcome: str, max_quota: int) -> None:
+    """Count a task outcome against its host and adjust the host's quota."""
+    _OUTCOME[outcome].run(conn, {"host": host_id, "max_quota": max_quota})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
@@ -24,27 +25,73 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class PendingFile:
-    """A received file under its temporary name: `publish()` it once verified, else `discard()` it."""
+def _anonymous_file(folder: Path) -> int | None:
+    """An unnamed file in `folder` (O_TMPFILE), or None where the filesystem has none: nothing of it is
+    visible until it is linked to its name, and a crash before that leaves nothing behind to sweep."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(folder, flag | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            return None
+        raise
 
-    def __init__(self, storage: LocalStorage, tmp: Path, final: Path, digest: Digest) -> None:
-        self._storage, self._tmp, self._final, self.digest = storage, tmp, final, digest
+
+def _link_anonymous(fd: int, final: Path) -> None:
+    """Give the O_TMPFILE file `fd` its name; FileExistsError if the name is taken (create-only).
+    linkat(2) with AT_SYMLINK_FOLLOW on /proc/self/fd/<fd>, which `os.link` only uses with a dir fd."""
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(str(fd), final, src_dir_fd=proc, follow_symlinks=True)
+    finally:
+        os.close(proc)
+
+
+class PendingFile:
+    """A received file, not yet under its name: `publish()` it once verified, else `discard()` it.
+    It is an unnamed file (`fd`) where the filesystem allows, else a hidden temporary name (`tmp`)."""
+
+    def __init__(
+        self, storage: LocalStorage, final: Path, digest: Digest, *, fd: int | None, tmp: Path | None
+    ) -> None:
+        self._storage, self._final, self.digest = storage, final, digest
+        self._fd, self._tmp = fd, tmp
         self.blocking = storage.fsync
 
     def publish(self, key: str | None = None) -> None:
         """With fsync, this blocks: call it from a worker thread then, not the event loop."""
         final = self._final if key is None else self._storage.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if self._fd is not None:
+            try:
+                if self._storage.fsync:
+                    os.fsync(self._fd)
+                try:
+                    _link_anonymous(self._fd, final)
+                except FileExistsError as exc:
+                    raise AlreadyExists(f"{final.name} already exists") from exc
+            finally:
+                self.discard()
+            if self._storage.fsync:
+                _fsync_dir(final.parent)
+            return
+        assert self._tmp is not None
         if self._storage.fsync:
             fd = os.open(self._tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        final.parent.mkdir(parents=True, exist_ok=True)
         self._storage._publish(self._tmp, final)
 
     def discard(self) -> None:
-        self._tmp.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
 
 class LocalStorage:
@@ -80,19 +127,29 @@ class LocalStorage:
     async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> PendingFile:
         final = self.path(key)  # whether `key` is taken is decided atomically by publish()
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._temp_for(final)
+        fd = _anonymous_file(final.parent)
+        tmp = self._temp_for(final) if fd is None else None
         digest = StreamingDigest()
         try:
-            with tmp.open("xb") as fh:
+            if fd is None:
+                assert tmp is not None
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                named = True
+            else:
+                named = False
+            with open(fd, "wb", closefd=named) as fh:
                 async for chunk in chunks:
                     if digest.size + len(chunk) > max_size:
                         raise TooLarge(f"upload exceeds the declared maximum of {max_size} bytes")
                     digest.update(chunk)
                     fh.write(chunk)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            elif fd is not None:
+                os.close(fd)
             raise
-        return PendingFile(self, tmp, final, digest.digest())
+        return PendingFile(self, final, digest.digest(), fd=None if named else fd, tmp=tmp)
 
     def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
         final = self.path(key)

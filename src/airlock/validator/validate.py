@@ -42,7 +42,7 @@ class Verdict:
     agreement: str | None = None
 
 
-BATCH = 50  # verdicts per write transaction
+BATCH = 10  # verdicts per write transaction
 
 
 def judge(

@@ -1,0 +1,64 @@
+"""LocalStorage receives into an unnamed file (O_TMPFILE) and names it only when published; where the
+filesystem has no unnamed files it falls back to a hidden temporary name. Both are create-only and leave
+nothing behind when the upload fails."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from airlock.core.checksums import digest_bytes
+from airlock.core.errors import TooLarge
+from airlock.storage import local
+from airlock.storage.base import AlreadyExists
+from airlock.storage.local import LocalStorage
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def _everything(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(params=["anonymous", "named"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalStorage:
+    if request.param == "named":
+        monkeypatch.setattr(local, "_anonymous_file", lambda folder: None)
+    s = LocalStorage(tmp_path / "root", fsync=True)
+    s.mode = request.param  # type: ignore[attr-defined]
+    return s
+
+
+def test_received_file_appears_only_when_published_and_never_twice(storage: LocalStorage) -> None:
+    key = "quarantine/1/2/out.txt"
+    pending = asyncio.run(storage.receive(key, _chunks(b"hello ", b"world\n"), max_size=100))
+    assert pending.digest == digest_bytes(b"hello world\n")
+    before = _everything(storage.root)
+    if storage.mode == "anonymous":  # type: ignore[attr-defined]
+        assert before == []  # not even a temporary name
+    else:
+        assert len(before) == 1 and local.PARTIAL in before[0]  # a hidden name, never the key
+    assert not storage.exists(key)
+    pending.publish()
+    assert _everything(storage.root) == [key]
+    assert storage.open_read(key).read() == b"hello world\n"
+
+    again = asyncio.run(storage.receive(key, _chunks(b"other bytes\n"), max_size=100))
+    with pytest.raises(AlreadyExists):
+        again.publish()
+    assert _everything(storage.root) == [key]  # the loser left nothing, the first file is intact
+    assert storage.open_read(key).read() == b"hello world\n"
+
+
+def test_failed_or_discarded_receive_leaves_nothing(storage: LocalStorage) -> None:
+    with pytest.raises(TooLarge):
+        asyncio.run(storage.receive("quarantine/1/3/out.txt", _chunks(b"x" * 60, b"x" * 60), max_size=100))
+    pending = asyncio.run(storage.receive("quarantine/1/4/out.txt", _chunks(b"fine\n"), max_size=100))
+    pending.discard()
+    assert _everything(storage.root) == []
