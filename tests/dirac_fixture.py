@@ -74,9 +74,20 @@ class DiracServer:
             raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
 
-    def status(self, job_id: int) -> dict[str, str]:
-        """The job's state as alice sees it with dirac-wms-job-status."""
-        res = self.run(["dirac-wms-job-status", str(job_id)])
+    def status(self, job_id: int, *, tries: int = 3) -> dict[str, str]:
+        """The job's state as alice sees it with dirac-wms-job-status. A refused or reset connection to
+        a DIRAC service (seen once under load: `SSLError(104, 'Connection reset by peer')`) is tried
+        again, as DIRAC's own clients do, before it counts as a failure."""
+        for attempt in range(tries):
+            res = self.run(["dirac-wms-job-status", str(job_id)], check=False)
+            if res.returncode == 0 or "Can't connect to dips://" not in res.stdout + res.stderr:
+                break
+            if attempt + 1 < tries:
+                time.sleep(1.0)
+        if res.returncode != 0:
+            raise AssertionError(
+                f"dirac-wms-job-status {job_id} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+            )
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith(f"JobID={job_id} ")), None)
         assert line, f"job {job_id} not in dirac-wms-job-status output:\n{res.stdout}\n{res.stderr}"
         return dict(re.findall(r"(\w+)=([^;]*);", line.split(" ", 1)[1]))
