@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 1 << 20
 
@@ -51,12 +52,17 @@ def digest_chunks(chunks: Iterable[bytes]) -> Digest:
     return d.digest()
 
 
-def digest_file(path: Path) -> Digest:
+def digest_stream(fh: BinaryIO) -> Digest:
+    """The checksums of what is left to read from `fh`."""
     d = StreamingDigest()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            d.update(chunk)
+    while chunk := fh.read(CHUNK):
+        d.update(chunk)
     return d.digest()
+
+
+def digest_file(path: Path) -> Digest:
+    with path.open("rb") as fh:
+        return digest_stream(fh)
 
 
 def sha256_to_b64(hex_digest: str) -> str:

@@ -373,8 +373,21 @@ def _pinned(engine: Engine, read_only: bool) -> tuple[_Pins, Connection | None]:
     pins = _pins.get(engine)
     if pins is None:
         with _pins_lock:
-            pins = _pins.get(engine) or _pins.setdefault(engine, _Pins(engine))
+            pins = _pins.get(engine)
+            if pins is None:
+                pins = _pins[engine] = _Pins(engine)
     return pins, pins.take(engine, read_only)
+
+
+@contextlib.contextmanager
+def _kept(pins: _Pins, conn: Connection) -> Iterator[None]:
+    """Around a use of a kept connection: one that a failure closed or invalidated is given up."""
+    try:
+        yield
+    except BaseException:
+        if conn.invalidated or conn.closed:
+            pins.drop(conn)
+        raise
 
 
 @contextlib.contextmanager
@@ -388,13 +401,8 @@ def hot_begin(engine: Engine) -> Iterator[Connection]:
         with engine.begin() as pooled:
             yield pooled
         return
-    try:
-        with conn.begin():
-            yield conn
-    except BaseException:
-        if conn.invalidated or conn.closed:
-            pins.drop(conn)
-        raise
+    with _kept(pins, conn), conn.begin():
+        yield conn
 
 
 @contextlib.contextmanager
@@ -405,13 +413,9 @@ def hot_read(engine: Engine) -> Iterator[Connection]:
         with read(engine) as pooled:
             yield pooled
         return
-    try:
+    with _kept(pins, conn):
         conn.begin()
         try:
             yield conn
         finally:
             conn.rollback()
-    except BaseException:
-        if conn.invalidated or conn.closed:
-            pins.drop(conn)
-        raise

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file
+from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file, digest_stream
 from airlock.core.errors import TooLarge
 from airlock.storage.base import AlreadyExists, DigestMismatch, StorageError
 
@@ -52,40 +52,34 @@ def _link_anonymous(fd: int, final: Path) -> None:
 
 class PendingFile:
     """A received file, not yet under its name: `publish()` it once verified, else `discard()` it.
-    It is an unnamed file (`fd`) where the filesystem allows, else a hidden temporary name (`tmp`)."""
+    It is held open (`fd`): an unnamed file where the filesystem allows, else under a hidden temporary
+    name (`tmp`)."""
 
-    def __init__(
-        self, storage: LocalStorage, final: Path, digest: Digest, *, fd: int | None, tmp: Path | None
-    ) -> None:
+    def __init__(self, storage: LocalStorage, final: Path, digest: Digest, fd: int, tmp: Path | None) -> None:
         self._storage, self._final, self.digest = storage, final, digest
-        self._fd, self._tmp = fd, tmp
+        self._fd: int | None = fd
+        self._tmp = tmp
         self.blocking = storage.fsync
 
     def publish(self, key: str | None = None) -> None:
         """With fsync, this blocks: call it from a worker thread then, not the event loop."""
+        assert self._fd is not None, "published or discarded already"
         final = self._final if key is None else self._storage.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if self._fd is not None:
-            try:
-                if self._storage.fsync:
-                    os.fsync(self._fd)
-                try:
-                    _link_anonymous(self._fd, final)
-                except FileExistsError as exc:
-                    raise AlreadyExists(f"{final.name} already exists") from exc
-            finally:
-                self.discard()
+        try:
             if self._storage.fsync:
-                _fsync_dir(final.parent)
-            return
-        assert self._tmp is not None
-        if self._storage.fsync:
-            fd = os.open(self._tmp, os.O_RDONLY)
+                os.fsync(self._fd)
+            if self._tmp is not None:
+                self._storage._publish(self._tmp, final)  # links, removes the name, syncs the folder
+                return
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._storage._publish(self._tmp, final)
+                _link_anonymous(self._fd, final)
+            except FileExistsError as exc:
+                raise AlreadyExists(f"{final.name} already exists") from exc
+        finally:
+            self.discard()
+        if self._storage.fsync:
+            _fsync_dir(final.parent)
 
     def discard(self) -> None:
         if self._fd is not None:
@@ -129,29 +123,24 @@ class LocalStorage:
     async def receive(self, key: str, chunks: AsyncIterator[bytes], *, max_size: int) -> PendingFile:
         final = self.path(key)  # whether `key` is taken is decided atomically by publish()
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd = _anonymous_file(final.parent)
-        tmp = self._temp_for(final) if fd is None else None
+        fd, tmp = _anonymous_file(final.parent), None
+        if fd is None:
+            tmp = self._temp_for(final)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         digest = StreamingDigest()
         try:
-            if fd is None:
-                assert tmp is not None
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                named = True
-            else:
-                named = False
-            with open(fd, "wb", closefd=named) as fh:
+            with open(fd, "wb", closefd=False) as fh:
                 async for chunk in chunks:
                     if digest.size + len(chunk) > max_size:
                         raise TooLarge(f"upload exceeds the declared maximum of {max_size} bytes")
                     digest.update(chunk)
                     fh.write(chunk)
         except BaseException:
+            os.close(fd)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            elif fd is not None:
-                os.close(fd)
             raise
-        return PendingFile(self, final, digest.digest(), fd=None if named else fd, tmp=tmp)
+        return PendingFile(self, final, digest.digest(), fd, tmp)
 
     def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
         final = self.path(key)
@@ -189,11 +178,8 @@ class LocalStorage:
         """`copy_in` within one filesystem (a local quarantine and local trusted storage): the verified
         file gets a second name rather than a second copy. Nothing writes to a file once it is under
         its name (the bridge only creates), so the bytes checked here are the bytes linked."""
-        digest = StreamingDigest()
         with src.open("rb") as fin:
-            while chunk := fin.read(CHUNK):
-                digest.update(chunk)
-            got = digest.digest()
+            got = digest_stream(fin)
             if got != expected:
                 raise DigestMismatch(f"{src} does not match its recorded checksums")
             if self.fsync:  # the quarantine may not have synced it (see Gateway.open)
