@@ -45,3 +45,16 @@ def test_loops_process_does_the_work_and_comes_back_after_a_crash(api: Api) -> N
     finally:
         loops.stop()
     assert loops.process is not None and not loops.process.is_alive()
+
+
+def test_stop_right_after_a_crash_starts_nothing_and_leaves_nothing_running(api: Api) -> None:
+    loops = LoopsProcess(api.gw.settings)
+    loops.start()
+    assert loops.process is not None and loops.process.pid is not None
+    crashed_pid = loops.process.pid
+    os.kill(crashed_pid, signal.SIGKILL)
+    time.sleep(0.2)  # the watcher has seen it die and waits RESTART_DELAY_S before starting another
+    loops.stop()
+    assert loops.process.pid == crashed_pid, "a new loops process was started after stop()"
+    assert not loops.process.is_alive() and loops.process.exitcode == -signal.SIGKILL
+    assert loops.watcher is not None and not loops.watcher.is_alive()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -137,39 +138,54 @@ class LoopsProcess:
         self.stopping = threading.Event()
         self.process: multiprocessing.process.BaseProcess | None = None
         self.watcher: threading.Thread | None = None
+        # held while a process is made and started: stop() then sees either none or a started one,
+        # and no process is started once stop() has set `stopping` and taken it
+        self._spawning = threading.Lock()
 
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no engine or threads inherited
-        self.process = ctx.Process(
+        process = ctx.Process(
             target=_run_loops_until_told,
             args=(self.settings, os.getpid(), self.level),
             name="airlock-loops",
         )
-        self.process.start()
+        process.start()
+        self.process = process
 
     def _watch(self) -> None:
+        # Waits on the process's sentinel, not with join(): two threads in waitpid() on one child race,
+        # and the loser takes the reaped child for a live one. Only stop() reaps once stopping is set.
         while not self.stopping.is_set():
             assert self.process is not None
-            self.process.join()
+            multiprocessing.connection.wait([self.process.sentinel])
             if self.stopping.wait(self.RESTART_DELAY_S):
                 return
-            log.error("the background loops process exited (%s); starting it again", self.process.exitcode)
-            self._spawn()
-            if self.stopping.is_set():  # stop() came while it started: it may not have seen this one
-                self.process.terminate()
+            with self._spawning:
+                if self.stopping.is_set():
+                    return
+                self.process.join()
+                log.error(
+                    "the background loops process exited (%s); starting it again", self.process.exitcode
+                )
+                self._spawn()
 
     def start(self) -> None:
-        self._spawn()
+        with self._spawning:
+            self._spawn()
         self.watcher = threading.Thread(target=self._watch, name="airlock-loops-watch", daemon=True)
         self.watcher.start()
 
     def stop(self, timeout: float = 15.0) -> None:
+        """Stop the loops process (SIGTERM, SIGKILL after `timeout`) and the watcher; when it returns
+        no loops process of this object is alive."""
         self.stopping.set()
-        process = self.process
-        if process is None or process.pid is None:
-            return
-        process.terminate()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        with self._spawning:
+            process = self.process
+        if process is not None:
+            process.terminate()
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if self.watcher is not None:
+            self.watcher.join(timeout)
