@@ -13,6 +13,7 @@ adler32, then MOVEd to their key only if the key is still free. Checksums come f
 
 from __future__ import annotations
 
+import logging
 import shutil
 import ssl
 import tempfile
@@ -35,6 +36,7 @@ from airlock.core.errors import TooLarge
 from airlock.credentials.tokens import ALGORITHM, WLCG_VERSION, TokenIssuer
 from airlock.storage.base import AlreadyExists, DigestMismatch, StorageError
 
+log = logging.getLogger("airlock.storage")
 PARTIAL = ".partial-"
 GATEWAY_SUBJECT = "airlock-gateway"
 TOKEN_TTL_S = 1200
@@ -187,9 +189,12 @@ class XRootDStorage:
                 try:
                     self._get_into(key, fh, d)
                     break
-                except httpx.RemoteProtocolError as exc:  # XrdHttp closed the kept-alive connection
+                except (httpx.RemoteProtocolError, httpx.TimeoutException) as exc:
+                    # XrdHttp closed the kept-alive connection, or left it unanswered (seen once on a
+                    # loaded machine): a GET may be tried again, on a new connection
                     if attempt == 1:
                         raise StorageError(f"GET {key}: {exc}") from exc
+                    log.warning("GET %s: %s; trying once more on a new connection", key, exc)
                 except httpx.HTTPError as exc:
                     raise StorageError(f"GET {key}: {exc}") from exc
         got = d.digest()
