@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +21,8 @@ from airlock.db.transitions import transition
 from airlock.scheduler.dispatch import issue_upload_token
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
+
+log = logging.getLogger("airlock.scheduler")
 
 _T = schema.tasks
 _TASK = Fast(
@@ -118,4 +121,5 @@ def expire_leases(engine: Engine, settings: Settings, *, limit: int = 500) -> in
                     record_outcome(conn, row.host_id, "lost", settings.daily_quota_per_core)
                 settle_job(conn, row.job_id, "system:expiry", max_quota=settings.daily_quota_per_core)
                 n += 1
+                log.info("task %d of job %d (host %s): %s; lost", task_id, row.job_id, row.host_id, reason)
     return n
