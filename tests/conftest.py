@@ -22,6 +22,26 @@ from .helpers import OPERATOR_TOKEN, Api
 # whole suite: a module that imported them would make its own session fixture and a second server.
 pytest_plugins = ["tests.dirac_fixture"]
 
+# Under pytest-xdist (`make test` runs the suite on several workers) these modules run on one worker,
+# one after the other: the session's DIRAC server is one per machine (held by a lock), and two DIRAC
+# bring-ups at once would fill the one wheel cache side by side on a cold machine. Every other test is
+# its own unit of work. (xdist's own `xdist_group` mark is not honoured under pytest 9.)
+DIRAC_MODULES = frozenset(
+    {"tests/test_dirac_upstream.py", "tests/test_upstream_dirac.py", "tests/test_bench_upstream.py"}
+)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DiracTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "dirac" if nodeid.split("::", 1)[0] in DIRAC_MODULES else nodeid
+
+    return DiracTogether(config, log)
+
+
 PG_ADMIN = os.environ.get("AIRLOCK_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
