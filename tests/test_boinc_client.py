@@ -104,7 +104,7 @@ def running_task(host: BoincHost) -> str | None:
     return None
 
 
-# ~110 s alone; its waits are the BOINC client's own (RPC delays, deadlines), and they stretch when
+# ~140 s alone; its waits are the BOINC client's own (RPC delays, deadlines), and they stretch when
 # the suite's other workers share the two cores
 @pytest.mark.timeout(600)
 def test_two_boinc_clients_take_a_batch_to_trusted_storage(gateway: LiveGateway, tmp_path: Path) -> None:

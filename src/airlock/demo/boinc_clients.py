@@ -17,6 +17,7 @@ from typing import Self
 
 from airlock.api.process import free_port
 
+# process_priority 2 is "normal" in BOINC's common_defs.h (0, the client's default, is the lowest).
 CC_CONFIG = """<cc_config>
   <log_flags>
     <sched_op_debug>1</sched_op_debug>
@@ -25,7 +26,7 @@ CC_CONFIG = """<cc_config>
   </log_flags>
   <options>
     <ncpus>{ncpus}</ncpus>
-    <process_priority>{priority}</process_priority>
+    <process_priority>2</process_priority>
   </options>
 </cc_config>
 """
@@ -49,30 +50,25 @@ def boinc_available() -> str | None:
     return None
 
 
-# cc_config's process_priority (BOINC's common_defs.h): 0 is the lowest (the client's default), 2 normal
-PRIORITY_NORMAL = 2
-
-
 @dataclass
 class BoincHost:
     """A headless stock client in a private folder. A volunteer's client only donates idle CPU: it
     runs its apps at the lowest priority and suspends them while other processes keep the CPU busy.
     These run on a machine of their own (the demo, the tests), where any other busy process (the
     suite's other workers) would stop them and their tasks would miss their deadlines: they compute
-    whatever the load, their apps at `priority` (normal by default)."""
+    whatever the load, their apps at normal priority."""
 
     folder: Path
     ncpus: int = 1
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     port: int = field(default_factory=free_port)
     password: str = field(default_factory=lambda: secrets.token_hex(8))
-    priority: int = PRIORITY_NORMAL
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "gui_rpc_auth.cfg").write_text(self.password)
-        (self.folder / "cc_config.xml").write_text(CC_CONFIG.format(ncpus=self.ncpus, priority=self.priority))
+        (self.folder / "cc_config.xml").write_text(CC_CONFIG.format(ncpus=self.ncpus))
         (self.folder / "global_prefs_override.xml").write_text(GLOBAL_PREFS)
         with (self.folder / "client.log").open("ab") as log:
             self.proc = subprocess.Popen(
