@@ -145,7 +145,7 @@ class HotRoutes:
             if isinstance(req, bytes):
                 reply = req
             else:
-                async with writer_turn(self.gw.engine):
+                async with writer_turn(self.gw.engine, group=True):
                     reply = answer_rpc(self.gw, req)
             status, kind = 200, XML
         except Exception:
@@ -174,7 +174,7 @@ class HotRoutes:
             except ValidationError as exc:
                 await respond_error(send, errors.for_validation(exc.errors(), in_body=True))
                 return
-            async with writer_turn(self.gw.engine):
+            async with writer_turn(self.gw.engine, group=True):
                 reply = call(who, request)
         except Exception as exc:
             await self._fail(send, exc)

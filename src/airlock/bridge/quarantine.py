@@ -229,7 +229,7 @@ async def receive_upload(
     if pending.blocking:
         created = await run_in_threadpool(_publish)
     else:
-        async with writer_turn(engine):
+        async with writer_turn(engine, group=True):
             created = _publish()
     receipt = UploadAccepted(
         path=f"/{target.key}", size=digest.size, adler32=digest.adler32, sha256=digest.sha256

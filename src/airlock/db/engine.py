@@ -11,12 +11,14 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.pool import QueuePool
+
+from airlock.db.group_commit import MAX_MEMBERS, CommitGroup, NestedWriteError, Opener, current_group
 
 READ_ONLY = "airlock_read_only"
 WRITE_LOCK_TIMEOUT_S = 30.0
@@ -48,6 +50,10 @@ class WriterGate:
     `turn()` lets it wait in a helper thread instead: the turn is then reserved for the loop's thread,
     and the next write transaction begun on that thread uses it (`begin()` on the loop thread takes a
     held reservation rather than waiting, so it can never wait for a turn that only it could use).
+
+    `turn(opener)` also groups the loop's hot transactions into one commit (`airlock.db.group_commit`):
+    the group's transaction then holds the turn across a few turns of the loop. A write transaction of
+    its own begun on the loop thread meanwhile commits the group first, and then takes its turn as usual.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -60,10 +66,21 @@ class WriterGate:
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        self._groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CommitGroup] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.active: CommitGroup | None = None  # the group whose transaction holds the turn
 
     def begin(self, timeout: float = WRITE_LOCK_TIMEOUT_S) -> None:
         """Take the turn for the calling thread (blocking)."""
         me = threading.get_ident()
+        group = self.active
+        if group is not None and self._state == "held" and self._for == me:
+            if group.depth:  # inside a member's savepoint: committing the group now would split it
+                raise NestedWriteError(
+                    "a write transaction of its own inside a grouped one (write through hot_begin)"
+                )
+            self._finish(group)  # commits: the turn is free again
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -128,29 +145,108 @@ class WriterGate:
         self._flock("reserved", owner, blocking=True)
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def turn(self, opener: Opener | None = None) -> AsyncIterator[None]:
         """For a coroutine about to write synchronously on the event loop: wait for the turn without
         blocking the loop (in a helper thread, when it is taken), then run the write inside this block.
-        Coroutines of one loop take their turns one after the other."""
+        Coroutines of one loop take their turns one after the other. With an `opener` (how to get the
+        connection for a group's transaction), blocks that ask together share one commit instead
+        (`airlock.db.group_commit`); the block is left only once its work is committed."""
         loop = asyncio.get_running_loop()
-        queue = self._queues.get(loop)
-        if queue is None:
-            queue = self._queues[loop] = asyncio.Lock()
-        async with queue:
-            me = threading.get_ident()
-            if not self._try_reserve(me):
-                if self._waiter is None:
-                    self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="airlock-turn")
-                waiting = loop.run_in_executor(self._waiter, self._reserve_blocking, me)
-                try:
-                    await asyncio.shield(waiting)
-                except asyncio.CancelledError:  # the turn may still come: give it back on the loop then
-                    waiting.add_done_callback(lambda _: loop.call_soon_threadsafe(self.unreserve))
-                    raise
+        if opener is not None:
+            group = self._groups.get(loop)
+            while group is not None and group.open and group.members < MAX_MEMBERS:
+                if await self._join(group):
+                    token = group.enter()
+                    try:
+                        yield
+                    finally:
+                        group.leave(token)
+                        group.running -= 1
+                    await asyncio.shield(group.committed)
+                    return
+                group = self._groups.get(loop)
+        async with self._lead(loop, opener) as group:
+            token = group.enter() if group is not None else None
             try:
                 yield
             finally:
-                self.unreserve()
+                if group is not None:
+                    group.leave(token)
+                    try:
+                        await group.collect()
+                    finally:
+                        self._finish(group)
+            if group is not None and group.error is not None:
+                raise group.error
+
+    async def _join(self, group: CommitGroup) -> bool:
+        """Wait until the group's leader holds the turn; False if the group cannot take this member."""
+        group.members += 1
+        group.running += 1
+        try:
+            await asyncio.shield(group.ready)
+        except asyncio.CancelledError:
+            group.running -= 1
+            raise
+        except RuntimeError:  # the leader got no turn: ask again
+            group.running -= 1
+            return False
+        if not group.open:  # closed before this member's turn came: ask again
+            group.running -= 1
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _lead(
+        self, loop: asyncio.AbstractEventLoop, opener: Opener | None
+    ) -> AsyncIterator[CommitGroup | None]:
+        """The turn for one block, or (with an opener) for a group this block leads."""
+        group = CommitGroup(loop, self) if opener is not None else None
+        if group is not None:
+            self._groups[loop] = group
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = asyncio.Lock()
+        try:
+            async with queue:
+                await self._reserve(loop)
+                try:
+                    if group is not None and opener is not None:
+                        group.begin(opener)  # uses the reservation: the group's transaction holds the turn
+                        self.active = group
+                        group.ready.set_result(None)
+                    yield group
+                finally:
+                    self.unreserve()
+        finally:
+            if group is not None:
+                if not group.ready.done():  # no turn for this group: its members go and ask again
+                    group.ready.set_exception(RuntimeError("the group got no writer turn"))
+                    group.ready.exception()
+                self._finish(group)
+
+    async def _reserve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reserve the turn for the loop's thread, waiting in a helper thread if it is taken."""
+        me = threading.get_ident()
+        if self._try_reserve(me):
+            return
+        if self._waiter is None:
+            self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="airlock-turn")
+        waiting = loop.run_in_executor(self._waiter, self._reserve_blocking, me)
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:  # the turn may still come: give it back on the loop then
+            waiting.add_done_callback(lambda _: loop.call_soon_threadsafe(self.unreserve))
+            raise
+
+    def _finish(self, group: CommitGroup) -> None:
+        """Close a group and commit it (at most once)."""
+        for loop, open_group in list(self._groups.items()):
+            if open_group is group:
+                del self._groups[loop]
+        if self.active is group:
+            self.active = None
+        group.finish()
 
     def unreserve(self) -> None:
         """Give back a reservation of the calling thread that no transaction used."""
@@ -247,11 +343,32 @@ def writer_gate(engine: Engine) -> WriterGate | None:
     return _gates.get(engine)
 
 
-def writer_turn(engine: Engine) -> contextlib.AbstractAsyncContextManager[None]:
+def writer_turn(engine: Engine, *, group: bool = False) -> contextlib.AbstractAsyncContextManager[None]:
     """`async with writer_turn(engine):` around a write transaction run on the event loop: on SQLite the
-    loop waits for the writer turn without blocking (`WriterGate.turn`); on PostgreSQL it does nothing."""
+    loop waits for the writer turn without blocking (`WriterGate.turn`); on PostgreSQL it does nothing.
+    With `group=True` the block's `hot_begin` transactions join the loop's commit group
+    (`airlock.db.group_commit`), and the block ends once they are committed."""
     gate = writer_gate(engine)
-    return gate.turn() if gate is not None else contextlib.nullcontext()
+    if gate is None:
+        return contextlib.nullcontext()
+    return gate.turn(_group_opener(engine) if group else None)
+
+
+def _group_opener(engine: Engine) -> Opener:
+    """How a commit group gets its connection: the loop thread's kept one when free, else a pooled one."""
+
+    def open_connection() -> tuple[Connection, Callable[[Connection, bool], None]]:
+        pins, conn = _pinned(engine, read_only=False)
+        if conn is None:
+            return engine.connect(), lambda pooled, _failed: pooled.close()
+
+        def release(kept: Connection, failed: bool) -> None:
+            if failed:  # a failed COMMIT may leave SQLite's transaction open: the pool's reset ends it
+                pins.drop(kept)
+
+        return conn, release
+
+    return open_connection
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -396,6 +513,11 @@ def hot_begin(engine: Engine) -> Iterator[Connection]:
     thread keeps between transactions instead of taking one from the pool and giving it back each time
     (measured on SQLite: ~50 µs of CPU a transaction against ~115 µs). A nested call, or a thread past
     the first MAX_PINNED_THREADS, gets an ordinary pooled connection. Closed when the engine is disposed."""
+    group = current_group()
+    if group is not None and group.owner is writer_gate(engine):
+        with group.member_transaction() as member:  # a savepoint of the group's transaction
+            yield member
+        return
     pins, conn = _pinned(engine, read_only=False)
     if conn is None:
         with engine.begin() as pooled:

@@ -1,0 +1,185 @@
+"""Group commit on SQLite: hot write transactions that one event loop runs together share one COMMIT,
+each block leaves only once its work is committed, a failing block is rolled back alone, and a failed
+commit fails every block of the group."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, event, text
+
+from airlock.db.engine import hot_begin, make_engine, writer_turn
+from airlock.db.group_commit import NestedWriteError
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+        conn.execute(text("CREATE TABLE parent (id INTEGER PRIMARY KEY)"))
+        conn.execute(
+            text(
+                "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL "
+                "REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    engine.dispose()  # the connections made from here on are traced
+    yield engine
+    engine.dispose()
+
+
+def commits(engine: Engine) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(engine, "connect")
+    def _trace(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        dbapi_conn.set_trace_callback(lambda sql: seen.append(sql) if sql.strip() == "COMMIT" else None)
+
+    return seen
+
+
+def committed_rows(engine: Engine, table: str = "t", column: str = "n") -> list[int]:
+    """What another connection sees: only committed rows."""
+    assert engine.url.database
+    conn = sqlite3.connect(engine.url.database)
+    try:
+        return [n for (n,) in conn.execute(f"SELECT {column} FROM {table} ORDER BY {column}")]
+    finally:
+        conn.close()
+
+
+def insert(engine: Engine, n: int) -> None:
+    with hot_begin(engine) as conn:
+        conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
+
+
+def test_blocks_asked_together_share_one_commit_and_leave_only_after_it(engine: Engine) -> None:
+    seen = commits(engine)
+    visible_on_leaving: dict[int, bool] = {}
+
+    async def block(n: int) -> None:
+        async with writer_turn(engine, group=True):
+            insert(engine, n)
+        visible_on_leaving[n] = n in committed_rows(engine)
+
+    async def main() -> None:
+        await asyncio.gather(*(block(n) for n in range(1, 31)))
+
+    asyncio.run(main())
+    assert committed_rows(engine) == list(range(1, 31))
+    assert all(visible_on_leaving.values()) and len(visible_on_leaving) == 30
+    assert 1 <= len(seen) <= 3, f"30 blocks asked together, {len(seen)} commits"
+
+
+def test_a_failing_block_is_rolled_back_alone(engine: Engine) -> None:
+    outcome: dict[int, str] = {}
+
+    async def block(n: int) -> None:
+        try:
+            async with writer_turn(engine, group=True):
+                with hot_begin(engine) as conn:
+                    conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
+                    if n == 3:
+                        raise ValueError("refused")
+        except ValueError:
+            outcome[n] = "refused"
+        else:
+            outcome[n] = "ok"
+
+    async def main() -> None:
+        await asyncio.gather(*(block(n) for n in range(1, 7)))
+
+    asyncio.run(main())
+    assert outcome == {1: "ok", 2: "ok", 3: "refused", 4: "ok", 5: "ok", 6: "ok"}
+    assert committed_rows(engine) == [1, 2, 4, 5, 6]
+
+
+def test_a_failed_commit_fails_every_block_of_the_group_and_the_next_group_goes_on(engine: Engine) -> None:
+    outcome: dict[int, str] = {}
+
+    async def block(n: int) -> None:
+        try:
+            async with writer_turn(engine, group=True):
+                with hot_begin(engine) as conn:
+                    conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
+                    if n == 2:  # a deferred foreign key: fine at the savepoint, refused at COMMIT
+                        conn.execute(text("INSERT INTO child (id, parent_id) VALUES (1, 99)"))
+        except Exception as exc:
+            outcome[n] = f"{type(exc).__name__}: {exc}"
+        else:
+            outcome[n] = "ok"
+
+    async def main() -> None:
+        await asyncio.gather(*(block(n) for n in range(1, 5)))
+        await block(10)  # a later group, on the same connection
+
+    asyncio.run(main())
+    assert {n: outcome[n].split(":")[0] for n in range(1, 5)} == dict.fromkeys(range(1, 5), "IntegrityError")
+    assert outcome[10] == "ok"
+    assert committed_rows(engine) == [10]
+    assert committed_rows(engine, "child", "id") == []
+
+
+def test_a_write_of_its_own_on_the_loop_commits_the_open_group_first(engine: Engine) -> None:
+    """A route that writes with `engine.begin()` on the loop thread while a group is open must neither
+    wait for the group (it cannot finish while the loop is blocked) nor write into it."""
+    seen = commits(engine)
+    order: list[str] = []
+
+    async def grouped() -> None:
+        async with writer_turn(engine, group=True):
+            insert(engine, 1)
+        order.append("grouped block left")
+
+    async def own() -> None:
+        await asyncio.sleep(0)  # the group is open now, its leader collecting members
+        with engine.begin() as conn:
+            assert committed_rows(engine) == [1]  # the group was committed first
+            conn.execute(text("INSERT INTO t (n) VALUES (2)"))
+        order.append("own transaction done")
+
+    async def main() -> None:
+        await asyncio.gather(grouped(), own())
+
+    asyncio.run(main())
+    assert committed_rows(engine) == [1, 2]
+    assert len(seen) == 2
+    assert set(order) == {"grouped block left", "own transaction done"}
+
+
+def test_a_write_of_its_own_inside_a_member_is_refused_at_once(engine: Engine) -> None:
+    async def block() -> None:
+        async with writer_turn(engine, group=True):
+            with hot_begin(engine) as conn:
+                conn.execute(text("INSERT INTO t (n) VALUES (1)"))
+                with engine.begin() as other:  # would wait for the group's own turn
+                    other.execute(text("INSERT INTO t (n) VALUES (2)"))
+
+    with pytest.raises(NestedWriteError):
+        asyncio.run(block())
+    assert committed_rows(engine) == []
+    insert(engine, 3)  # the turn was given back
+    assert committed_rows(engine) == [3]
+
+
+def test_an_ungrouped_turn_waits_for_the_open_group(engine: Engine) -> None:
+    async def grouped(n: int) -> None:
+        async with writer_turn(engine, group=True):
+            insert(engine, n)
+
+    async def ungrouped() -> None:
+        async with writer_turn(engine):
+            with engine.begin() as conn:
+                assert committed_rows(engine) == [1, 2]  # it waited for the whole group
+                conn.execute(text("INSERT INTO t (n) VALUES (100)"))
+
+    async def main() -> None:
+        await asyncio.gather(grouped(1), ungrouped(), grouped(2))
+
+    asyncio.run(main())
+    assert committed_rows(engine) == [1, 2, 100]
