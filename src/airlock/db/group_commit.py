@@ -30,6 +30,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from airlock.db.fast import SavepointLost, savepoint
+
 MAX_MEMBERS = 128  # one group's members at most: bounds how long one transaction holds the writer turn
 MAX_ROUNDS = 16  # turns of the event loop a group stays open at most
 IDLE_ROUNDS = 2  # a group closes after this many turns of the loop in which nobody joined
@@ -60,7 +62,6 @@ class CommitGroup:
         self._conn: Connection | None = None
         self._release: Callable[[Connection, bool], None] | None = None
         self._broken: BaseException | None = None
-        self._seq = 0
 
     # ------------------------------------------------------------------------------------ the leader
     def begin(self, opener: Opener) -> None:
@@ -123,23 +124,15 @@ class CommitGroup:
         failure (then nothing of this member is in the group's commit)."""
         conn = self._conn
         assert conn is not None, "the group has no transaction"
-        driver: Any = conn.connection.driver_connection
-        self._seq += 1
-        name = f"airlock_member_{self._seq}"
-        driver.execute(f"SAVEPOINT {name}")
         self.depth += 1
         try:
-            yield conn
-        except BaseException:
-            self.depth -= 1
-            try:
-                driver.execute(f"ROLLBACK TO {name}")
-                driver.execute(f"RELEASE {name}")
-            except BaseException as undo:  # the connection is unusable: the whole group must fail
-                self._broken = undo
+            with savepoint(conn):
+                yield conn
+        except SavepointLost as lost:  # the connection is unusable: the whole group must fail
+            self._broken = lost
             raise
-        self.depth -= 1
-        driver.execute(f"RELEASE {name}")
+        finally:
+            self.depth -= 1
 
     def enter(self) -> Any:
         """Make this group the current task's (its `hot_begin` then joins it); returns the reset token."""

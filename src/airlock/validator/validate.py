@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, bindparam, select
 
 from airlock.bridge.quarantine import UploadTarget, output_key, record_upload
 from airlock.config import Settings
@@ -22,6 +22,7 @@ from airlock.core.checksums import Digest
 from airlock.core.states import JobState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
+from airlock.db.fast import Fast, savepoint
 from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event, transition
 from airlock.scheduler.quota import record_outcome
@@ -43,6 +44,12 @@ class Verdict:
 
 
 BATCH = 10  # verdicts per write transaction
+
+# What recording a verdict needs of its job, read again inside the write transaction
+_JOB_NOW = Fast(
+    select(schema.jobs.c.state, schema.jobs.c.canonical_task_id).where(schema.jobs.c.id == bindparam("id"))
+)
+_AGREEMENT = Fast(select(schema.tasks.c.agreement).where(schema.tasks.c.id == bindparam("id")))
 
 
 def judge(
@@ -97,9 +104,7 @@ def _apply(conn: Connection, task: Any, job: Any, verdict: Verdict, settings: Se
     state, reason = verdict.state, verdict.reason
     if state == TaskState.VALID and job.state in (JobState.ASSIMILATING.value, JobState.DONE.value):
         # late result of a job that already has its canonical result: valid only if it agrees
-        canonical = conn.execute(
-            select(schema.tasks.c.agreement).where(schema.tasks.c.id == job.canonical_task_id)
-        ).scalar_one_or_none()
+        canonical = _AGREEMENT.scalar(conn, {"id": job.canonical_task_id})
         if canonical != verdict.agreement:
             state, reason = TaskState.INVALID, "disagrees with the canonical result"
     if not transition(
@@ -211,18 +216,22 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
         verdicts.append((task, verdict))
     n = 0
     # Verdicts are recorded BATCH at a time in one transaction (each in a savepoint of its own, so one
-    # failure leaves the others): fewer commits, and the writer lock is never held for long.
+    # failure leaves the others): fewer commits, and the writer lock is never held for long. They are
+    # logged once committed, outside the transaction.
     for i in range(0, len(verdicts), BATCH):
+        recorded: list[tuple[Any, Verdict]] = []
         with engine.begin() as conn:
             for task, verdict in verdicts[i : i + BATCH]:
                 try:
-                    with conn.begin_nested():
-                        current = conn.execute(select(j).where(j.c.id == task.job_id)).one()
+                    with savepoint(conn):
+                        current = _JOB_NOW.one(conn, {"id": task.job_id})
                         applied = _apply(conn, task, current, verdict, settings)
                 except Exception:
                     log.exception("recording the verdict on task %s failed; will retry", task.id)
                     continue
                 if applied:
-                    n += 1
-                    log.info("task %s: %s (%s)", task.id, verdict.state.value, verdict.reason)
+                    recorded.append((task, verdict))
+        n += len(recorded)
+        for task, verdict in recorded:
+            log.info("task %s: %s (%s)", task.id, verdict.state.value, verdict.reason)
     return n
