@@ -5,6 +5,7 @@ nothing behind when the upload fails."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,4 +62,41 @@ def test_failed_or_discarded_receive_leaves_nothing(storage: LocalStorage) -> No
         asyncio.run(storage.receive("quarantine/1/3/out.txt", _chunks(b"x" * 60, b"x" * 60), max_size=100))
     pending = asyncio.run(storage.receive("quarantine/1/4/out.txt", _chunks(b"fine\n"), max_size=100))
     pending.discard()
+    assert _everything(storage.root) == []
+
+
+def test_an_upload_cancelled_while_its_file_is_opened_leaves_no_file_open(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder and file are made in a worker thread; an upload cancelled meanwhile (the client went
+    away) must not leak the descriptor or leave the hidden temporary name behind."""
+    opening, release = threading.Event(), threading.Event()
+    made: list[tuple[int, Path | None]] = []
+    real = storage._pending_file
+
+    def slow(final: Path) -> tuple[int, Path | None]:
+        opening.set()
+        release.wait(10)
+        made.append(real(final))
+        return made[-1]
+
+    monkeypatch.setattr(storage, "_pending_file", slow)
+
+    async def main() -> None:
+        upload = asyncio.create_task(storage.receive("quarantine/1/2/out.txt", _chunks(b"x"), max_size=10))
+        while not opening.is_set():
+            await asyncio.sleep(0.001)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        release.set()
+        for _ in range(1000):  # the thread finishes, then the loop runs the clean-up
+            if made and not Path(f"/proc/self/fd/{made[0][0]}").exists():
+                break
+            await asyncio.sleep(0.005)
+
+    asyncio.run(main())
+    assert made, "the file was never opened"
+    fd, _tmp = made[0]
+    assert not Path(f"/proc/self/fd/{fd}").exists(), "the pending file's descriptor was left open"
     assert _everything(storage.root) == []
