@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 
 from airlock.db.engine import hot_begin, make_engine, writer_turn
 from airlock.db.group_commit import NestedWriteError
@@ -76,7 +76,12 @@ def test_blocks_asked_together_share_one_commit_and_leave_only_after_it(engine: 
     assert 1 <= len(seen) <= 3, f"30 blocks asked together, {len(seen)} commits"
 
 
-def test_a_failing_block_is_rolled_back_alone(engine: Engine) -> None:
+def grouped_outcomes(
+    engine: Engine, together: range, then: Callable[[Connection, int], None], later: tuple[int, ...] = ()
+) -> dict[int, str]:
+    """Blocks that each insert their number in a grouped turn and then run `then`: those of `together`
+    asked at once, those of `later` one after the other afterwards. Each one's outcome: "ok" or the name
+    of the exception it raised."""
     outcome: dict[int, str] = {}
 
     async def block(n: int) -> None:
@@ -84,43 +89,38 @@ def test_a_failing_block_is_rolled_back_alone(engine: Engine) -> None:
             async with writer_turn(engine, group=True):
                 with hot_begin(engine) as conn:
                     conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
-                    if n == 3:
-                        raise ValueError("refused")
-        except ValueError:
-            outcome[n] = "refused"
+                    then(conn, n)
+        except Exception as exc:
+            outcome[n] = type(exc).__name__
         else:
             outcome[n] = "ok"
 
     async def main() -> None:
-        await asyncio.gather(*(block(n) for n in range(1, 7)))
+        await asyncio.gather(*(block(n) for n in together))
+        for n in later:
+            await block(n)
 
     asyncio.run(main())
-    assert outcome == {1: "ok", 2: "ok", 3: "refused", 4: "ok", 5: "ok", 6: "ok"}
+    return outcome
+
+
+def test_a_failing_block_is_rolled_back_alone(engine: Engine) -> None:
+    def refuse_3(_conn: Connection, n: int) -> None:
+        if n == 3:
+            raise ValueError("refused")
+
+    outcome = grouped_outcomes(engine, range(1, 7), refuse_3)
+    assert outcome == {1: "ok", 2: "ok", 3: "ValueError", 4: "ok", 5: "ok", 6: "ok"}
     assert committed_rows(engine) == [1, 2, 4, 5, 6]
 
 
 def test_a_failed_commit_fails_every_block_of_the_group_and_the_next_group_goes_on(engine: Engine) -> None:
-    outcome: dict[int, str] = {}
+    def orphan_2(conn: Connection, n: int) -> None:
+        if n == 2:  # a deferred foreign key: fine at the savepoint, refused at COMMIT
+            conn.execute(text("INSERT INTO child (id, parent_id) VALUES (1, 99)"))
 
-    async def block(n: int) -> None:
-        try:
-            async with writer_turn(engine, group=True):
-                with hot_begin(engine) as conn:
-                    conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
-                    if n == 2:  # a deferred foreign key: fine at the savepoint, refused at COMMIT
-                        conn.execute(text("INSERT INTO child (id, parent_id) VALUES (1, 99)"))
-        except Exception as exc:
-            outcome[n] = f"{type(exc).__name__}: {exc}"
-        else:
-            outcome[n] = "ok"
-
-    async def main() -> None:
-        await asyncio.gather(*(block(n) for n in range(1, 5)))
-        await block(10)  # a later group, on the same connection
-
-    asyncio.run(main())
-    assert {n: outcome[n].split(":")[0] for n in range(1, 5)} == dict.fromkeys(range(1, 5), "IntegrityError")
-    assert outcome[10] == "ok"
+    outcome = grouped_outcomes(engine, range(1, 5), orphan_2, later=(10,))  # 10: a later group
+    assert outcome == {**dict.fromkeys(range(1, 5), "IntegrityError"), 10: "ok"}
     assert committed_rows(engine) == [10]
     assert committed_rows(engine, "child", "id") == []
 
