@@ -1,6 +1,6 @@
 """Group commit on SQLite: hot write transactions that one event loop runs together share one COMMIT,
 each block leaves only once its work is committed, a failing block is rolled back alone, and a failed
-commit fails every block of the group."""
+commit fails every block of the group (and a kept connection whose COMMIT failed is not used again)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy.exc import IntegrityError
 
 from airlock.db.engine import hot_begin, make_engine, writer_turn
 from airlock.db.group_commit import NestedWriteError
@@ -183,3 +184,13 @@ def test_an_ungrouped_turn_waits_for_the_open_group(engine: Engine) -> None:
 
     asyncio.run(main())
     assert committed_rows(engine) == [1, 2, 100]
+
+
+def test_a_kept_connection_whose_commit_failed_is_not_used_again(engine: Engine) -> None:
+    """SQLite keeps a transaction open after a COMMIT that a deferred constraint refused; the thread's
+    kept connection must not carry it into the thread's next transaction."""
+    with pytest.raises(IntegrityError), hot_begin(engine) as conn:
+        conn.execute(text("INSERT INTO child (id, parent_id) VALUES (1, 99)"))
+    insert(engine, 1)
+    assert committed_rows(engine) == [1]
+    assert committed_rows(engine, "child", "id") == []

@@ -503,9 +503,19 @@ def _kept(pins: _Pins, conn: Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if conn.invalidated or conn.closed:
+        if conn.invalidated or conn.closed or _still_in_transaction(conn):
             pins.drop(conn)
         raise
+
+
+def _still_in_transaction(conn: Connection) -> bool:
+    """Whether the driver is still in a transaction that SQLAlchemy counts as ended: SQLite keeps it open
+    after a COMMIT that a deferred constraint refused, and the next BEGIN on it would fail."""
+    try:
+        driver = conn.connection.driver_connection
+    except Exception:
+        return True
+    return bool(getattr(driver, "in_transaction", False))
 
 
 @contextlib.contextmanager
