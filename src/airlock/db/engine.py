@@ -183,18 +183,16 @@ class WriterGate:
         """Wait until the group's leader holds the turn; False if the group cannot take this member."""
         group.members += 1
         group.running += 1
+        joined = False
         try:
             await asyncio.shield(group.ready)
-        except asyncio.CancelledError:
-            group.running -= 1
-            raise
+            joined = group.open  # False: closed before this member's turn came, so ask again
         except RuntimeError:  # the leader got no turn: ask again
-            group.running -= 1
-            return False
-        if not group.open:  # closed before this member's turn came: ask again
-            group.running -= 1
-            return False
-        return True
+            pass
+        finally:
+            if not joined:
+                group.running -= 1
+        return joined
 
     @contextlib.asynccontextmanager
     async def _lead(
@@ -363,8 +361,8 @@ def _group_opener(engine: Engine) -> Opener:
             return engine.connect(), lambda pooled, _failed: pooled.close()
 
         def release(kept: Connection, failed: bool) -> None:
-            if failed:  # a failed COMMIT may leave SQLite's transaction open: the pool's reset ends it
-                pins.drop(kept)
+            if failed:
+                _drop_if_spoilt(pins, kept)
 
         return conn, release
 
@@ -503,19 +501,20 @@ def _kept(pins: _Pins, conn: Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if conn.invalidated or conn.closed or _still_in_transaction(conn):
-            pins.drop(conn)
+        _drop_if_spoilt(pins, conn)
         raise
 
 
-def _still_in_transaction(conn: Connection) -> bool:
-    """Whether the driver is still in a transaction that SQLAlchemy counts as ended: SQLite keeps it open
-    after a COMMIT that a deferred constraint refused, and the next BEGIN on it would fail."""
+def _drop_if_spoilt(pins: _Pins, conn: Connection) -> None:
+    """After a failure, give up a kept connection that cannot serve the thread's next transaction: one
+    closed or invalidated, or one whose driver is still in a transaction that SQLAlchemy counts as ended
+    (SQLite keeps it open after a COMMIT that a deferred constraint refused; the next BEGIN would fail)."""
     try:
-        driver = conn.connection.driver_connection
+        in_transaction = bool(getattr(conn.connection.driver_connection, "in_transaction", False))
     except Exception:
-        return True
-    return bool(getattr(driver, "in_transaction", False))
+        in_transaction = True
+    if conn.invalidated or conn.closed or in_transaction:
+        pins.drop(conn)
 
 
 @contextlib.contextmanager

@@ -90,12 +90,12 @@ class CommitGroup:
             idle = idle + 1 if self.members == seen else 0
             seen = self.members
 
-    def finish(self) -> BaseException | None:
+    def finish(self) -> None:
         """Close the group and commit its transaction (once); members waiting on `committed` learn the
-        outcome. Returns the commit's error, if any."""
+        outcome, and `error` holds the commit's error, if any."""
         self.open = False
         if self.committed.done():
-            return self.error
+            return
         conn, self._conn = self._conn, None
         if conn is not None:
             assert self._release is not None
@@ -115,7 +115,6 @@ class CommitGroup:
             failure = self.error if isinstance(self.error, Exception) else RuntimeError(str(self.error))
             self.committed.set_exception(failure)
             self.committed.exception()  # retrieved here: members that already left need not see it
-        return self.error
 
     # ------------------------------------------------------------------------------------ the members
     @contextlib.contextmanager

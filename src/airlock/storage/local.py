@@ -51,14 +51,17 @@ def _link_anonymous(fd: int, final: Path) -> None:
         os.close(proc)
 
 
-def _abandon(opening: asyncio.Future[tuple[int, Path | None]]) -> None:
-    """Close (and unname) a pending file whose upload was cancelled while it was being opened."""
-    if opening.cancelled() or opening.exception() is not None:
-        return
-    fd, tmp = opening.result()
+def _close_pending(fd: int, tmp: Path | None) -> None:
+    """Close a pending file that will not be published, and remove its hidden name if it has one."""
     os.close(fd)
     if tmp is not None:
         tmp.unlink(missing_ok=True)
+
+
+def _abandon(opening: asyncio.Future[tuple[int, Path | None]]) -> None:
+    """Close a pending file whose upload was cancelled while it was being opened."""
+    if not opening.cancelled() and opening.exception() is None:
+        _close_pending(*opening.result())
 
 
 class PendingFile:
@@ -150,9 +153,7 @@ class LocalStorage:
                     digest.update(chunk)
                     fh.write(chunk)
         except BaseException:
-            os.close(fd)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+            _close_pending(fd, tmp)
             raise
         return PendingFile(self, final, digest.digest(), fd, tmp)
 
