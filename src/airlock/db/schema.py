@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -42,6 +44,43 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+    # On SQLite a datetime is text. SQLAlchemy's generic path (this decorator, then DATETIME's
+    # formatting and parsing) costs 1.5-4 µs a value, much of it in `datetime.replace` (slow with keyword
+    # arguments), and a scheduler request binds or reads a dozen. These do the same in one step each, in
+    # exactly DATETIME's storage format (`YYYY-MM-DD HH:MM:SS.ffffff`), so stored values compare and sort
+    # as before: about 1 µs to bind and 0.2 µs to read.
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+        return _sqlite_bind
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any] | None:
+        generic = super().result_processor(dialect, coltype)
+        if dialect.name != "sqlite":
+            return generic
+
+        def process(value: Any) -> datetime | None:
+            if isinstance(value, str):
+                try:  # naive UTC text; the offset makes the parser attach the UTC singleton itself
+                    return datetime.fromisoformat(value + "+00:00")
+                except ValueError:
+                    pass
+            return generic(value) if generic is not None else value
+
+        return process
+
+
+def _sqlite_bind(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use airlock.db.engine.utcnow()")
+        value = value.astimezone(UTC)
+    v = value
+    fields = (v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond)
+    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % fields  # noqa: UP031 (twice as fast as an f-string here)
 
 
 metadata = MetaData(
