@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from airlock.assimilator.janitor import sweep_quarantine
 from airlock.db import schema
+from airlock.storage.base import STAGING
 
 from .helpers import Api, job
 
@@ -42,12 +47,38 @@ def test_output_of_a_running_job_is_never_swept(api: Api) -> None:
 
 
 def test_stale_partial_uploads_are_removed(api: Api) -> None:
-    root = api.gw.settings.storage_dir / "quarantine" / "9" / "9"
-    root.mkdir(parents=True)
-    stale, fresh = root / ".out.txt.partial-aaa", root / ".out.txt.partial-bbb"
+    staging = api.gw.settings.storage_dir / "quarantine" / STAGING
+    staging.mkdir(parents=True)
+    stale, fresh = staging / "out.txt.partial-aaa", staging / "out.txt.partial-bbb"
     stale.write_bytes(b"half")
     fresh.write_bytes(b"half")
     old = time.time() - 2 * 3600
     os.utime(stale, (old, old))
     assert sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings) == 1
     assert not stale.exists() and fresh.exists()
+
+
+def test_the_sweep_of_temporaries_lists_the_staging_folders_only(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trusted storage keeps every result ever assimilated: a sweep that walked it would cost more with
+    every job, once a minute. The janitor lists each area's staging folder and nothing else."""
+    a = api.volunteer()
+    api.submit(job("x"))
+    (t,) = a.work()
+    a.complete(t)
+    api.settle()  # valid and assimilated: a file in trusted storage, its quarantine folder gone
+    listed: list[str] = []
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        listed.append(Path(path).relative_to(api.gw.settings.storage_dir).as_posix())
+        return real_scandir(path)
+
+    def no_walk(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"the sweep walked a tree: os.walk{args}")
+
+    monkeypatch.setattr(os, "walk", no_walk)
+    monkeypatch.setattr(os, "scandir", scandir)
+    sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings, trusted=api.gw.trusted)
+    assert listed == [f"quarantine/{STAGING}", f"trusted/{STAGING}"]

@@ -14,7 +14,7 @@ import pytest
 from airlock.core.checksums import digest_bytes
 from airlock.core.errors import TooLarge
 from airlock.storage import local
-from airlock.storage.base import AlreadyExists
+from airlock.storage.base import STAGING, AlreadyExists
 from airlock.storage.local import LocalStorage
 
 
@@ -44,7 +44,9 @@ def test_received_file_appears_only_when_published_and_never_twice(storage: Loca
     if storage.mode == "anonymous":  # type: ignore[attr-defined]
         assert before == []  # not even a temporary name
     else:
-        assert len(before) == 1 and local.PARTIAL in before[0]  # a hidden name, never the key
+        # a temporary name in the area's staging folder (where the janitor looks), never the key
+        assert len(before) == 1 and before[0].startswith(f"quarantine/{STAGING}/")
+        assert local.PARTIAL in before[0] and list(storage.list("quarantine")) == []
     assert not storage.exists(key)
     pending.publish()
     assert _everything(storage.root) == [key]
@@ -74,10 +76,10 @@ def test_an_upload_cancelled_while_its_file_is_opened_leaves_no_file_open(
     made: list[tuple[int, Path | None]] = []
     real = storage._pending_file
 
-    def slow(final: Path) -> tuple[int, Path | None]:
+    def slow(key: str, final: Path) -> tuple[int, Path | None]:
         opening.set()
         release.wait(10)
-        made.append(real(final))
+        made.append(real(key, final))
         return made[-1]
 
     monkeypatch.setattr(storage, "_pending_file", slow)

@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -18,7 +19,7 @@ from airlock.core.checksums import digest_bytes
 from airlock.core.errors import Unauthorized
 from airlock.credentials.keys import generate_signing_key
 from airlock.credentials.tokens import TokenIssuer
-from airlock.storage.base import AlreadyExists, DigestMismatch
+from airlock.storage.base import STAGING, AlreadyExists, DigestMismatch
 from airlock.storage.xrootd import GatewayToken, XRootDStorage
 from airlock.storage.xrootd_server import XRootDServer, XRootDUnavailable
 
@@ -184,11 +185,21 @@ def test_dead_temporaries_are_swept_by_age_and_finished_files_kept(
     src.write_bytes(b"assimilated bytes")
     done = f"trusted/2/{task}/events.root"
     storage.put_new(done, src, digest_bytes(src.read_bytes()))
-    dead = f"trusted/2/{task}/.events.root.partial-0123abcd"
+    dead = f"trusted/{STAGING}/events.root.partial-0123abcd{task}"
     with storage._io:  # what a killed put_new leaves: the temporary, never moved
         storage._client.put(storage.url(dead), content=b"half", headers=storage._auth())
-    assert sorted(storage.list(f"trusted/2/{task}")) == [done]  # temporaries are never listed
+    assert done in storage.list("trusted") and dead not in storage.list("trusted")  # never listed
+    asked: list[tuple[str, str]] = []
+    real_request = storage._request
+
+    def request(method: str, key: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append((method, key))
+        return real_request(method, key, *args, **kwargs)
+
+    storage._request = request  # type: ignore[method-assign]
     assert storage.sweep_partials("trusted", 3600) == 0  # too young to be a dead write
+    assert asked == [("PROPFIND", f"trusted/{STAGING}")]  # the staging folder, not the whole area
+    storage._request = real_request  # type: ignore[method-assign]
     assert storage.checksum(dead) is not None
     assert storage.sweep_partials("trusted", -60) == 1
     assert storage.checksum(dead) is None

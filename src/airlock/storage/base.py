@@ -1,15 +1,30 @@
 """The storage interface. Keys are relative POSIX paths such as `trusted/12/34/events.root`.
 
 Writes are create-only and atomic: a reader sees a whole, verified file under its key or nothing.
+A write that needs a temporary name puts it in its area's staging folder (`staging_key`), so the janitor
+finds the leftovers of writes that died half-way by listing that one folder, never the whole tree.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from airlock.core.checksums import Digest
+
+STAGING = ".partial"  # an area's folder of temporaries (a name no key can have: the bridge's ids are numbers)
+PARTIAL = ".partial-"  # in every temporary's name
+
+
+def staging_key(key: str) -> str:
+    """A fresh temporary name for a write to `key`, in the staging folder of the key's area (its first
+    component: `trusted/12/34/events.root` -> `trusted/.partial/events.root.partial-<uuid>`)."""
+    area, _, rest = key.partition("/")
+    name = rest.rsplit("/", 1)[-1] if rest else area
+    folder = f"{area}/{STAGING}" if rest else STAGING
+    return f"{folder}/{name}{PARTIAL}{uuid.uuid4().hex}"
 
 
 class StorageError(Exception):
@@ -68,7 +83,7 @@ class Storage(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]: ...
 
-    def sweep_partials(self, prefix: str, older_than_s: float) -> int:
-        """Delete temporaries of writes that died half-way under `prefix`, once older than
-        `older_than_s`; returns how many went."""
+    def sweep_partials(self, area: str, older_than_s: float) -> int:
+        """Delete temporaries of writes to `area` (e.g. "trusted") that died half-way, once older than
+        `older_than_s`; returns how many went. Lists the area's staging folder only."""
         ...

@@ -6,8 +6,9 @@ credential that lives only in this process's memory, carries a separate audience
 it; the storage accepts it) and is re-minted shortly before it expires. It never goes into anything sent to
 a volunteer.
 
-Writes are create-only and atomic: bytes go to a hidden temporary name, are checked against the server's
-adler32, then MOVEd to their key only if the key is still free. Checksums come from the server (HEAD with
+Writes are create-only and atomic: bytes go to a temporary name in the area's staging folder
+(`trusted/.partial/`), are checked against the server's adler32, then MOVEd to their key only if the key
+is still free. Checksums come from the server (HEAD with
 `Want-Digest: adler32`); sha256 needs the bytes, so `stat()` and `download()` read the file.
 """
 
@@ -34,10 +35,9 @@ from airlock.config import Settings
 from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file
 from airlock.core.errors import TooLarge
 from airlock.credentials.tokens import ALGORITHM, WLCG_VERSION, TokenIssuer
-from airlock.storage.base import AlreadyExists, DigestMismatch, StorageError
+from airlock.storage.base import PARTIAL, STAGING, AlreadyExists, DigestMismatch, StorageError, staging_key
 
 log = logging.getLogger("airlock.storage")
-PARTIAL = ".partial-"
 GATEWAY_SUBJECT = "airlock-gateway"
 TOKEN_TTL_S = 1200
 TOKEN_RENEW_BEFORE_S = 300
@@ -228,8 +228,7 @@ class XRootDStorage:
         got = digest_file(src)
         if got != expected:
             raise DigestMismatch(f"{src} does not match its recorded checksums")
-        parent, _, name = key.rpartition("/")
-        tmp = f"{parent}/.{name}{PARTIAL}{uuid.uuid4().hex}".lstrip("/")
+        tmp = staging_key(key)
         moved = False
         try:
             with src.open("rb") as fh:
@@ -327,19 +326,21 @@ class XRootDStorage:
             if PARTIAL not in key.rsplit("/", 1)[-1]:
                 yield key
 
-    def sweep_partials(self, prefix: str, older_than_s: float) -> int:
-        """Delete temporaries of writes that died half-way (the gateway killed between PUT and MOVE, a
-        dropped connection), once older than `older_than_s` by the server's clock of last change."""
+    def sweep_partials(self, area: str, older_than_s: float) -> int:
+        """Delete temporaries of writes to `area` that died half-way (the gateway killed between PUT and
+        MOVE, a dropped connection), once older than `older_than_s` by the server's clock of last change.
+        One PROPFIND of the area's staging folder, however many files the area holds."""
         cutoff = time.time() - older_than_s
         stale = [
             key
-            for key, modified in self._walk(prefix)
+            for key, modified in self._walk(f"{area.strip('/')}/{STAGING}", recurse=False)
             if PARTIAL in key.rsplit("/", 1)[-1] and modified is not None and modified < cutoff
         ]
         return sum(1 for key in stale if self.delete(key))
 
-    def _walk(self, prefix: str) -> Iterator[tuple[str, float | None]]:
-        """Every file under `prefix` with its last-modified time (epoch seconds) when the server gives it."""
+    def _walk(self, prefix: str, *, recurse: bool = True) -> Iterator[tuple[str, float | None]]:
+        """Every file under `prefix` (or only in it) with its last-modified time (epoch seconds) when the
+        server gives it. The staging folder is never walked into."""
         pending = [prefix.strip("/")]
         while pending:
             folder = pending.pop()
@@ -355,7 +356,8 @@ class XRootDStorage:
                 if not key or key == folder:
                     continue
                 if entry.find(f".//{DAV}collection") is not None:
-                    pending.append(key)
+                    if recurse and key.rsplit("/", 1)[-1] != STAGING:
+                        pending.append(key)
                 else:
                     yield key, _http_date(entry.findtext(f".//{DAV}getlastmodified"))
 
