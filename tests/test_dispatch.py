@@ -125,6 +125,42 @@ def test_expired_lease_is_reissued_to_another_host(api: Api) -> None:
     assert host_a["n_lost"] == 1
 
 
+def test_a_volunteer_whose_task_gave_nothing_may_take_the_job_again(api: Api) -> None:
+    """A pool of one volunteer (a lab's cluster under one account): after its host lost the task, or its
+    run failed, the reissued task must still reach it, or the job would wait for ever."""
+    (lost_job,) = api.submit(job("lost", max_attempts=3))["jobs"]
+    v = api.volunteer()
+    (t,) = v.work()
+    _expire(api, t["task_id"])
+    api.settle()
+    (again,) = v.work()
+    assert again["job_id"] == lost_job and again["task_id"] != t["task_id"]
+    v.complete(again)
+    api.settle()
+    assert api.job(lost_job)["state"] == "done"
+
+    (failed_job,) = api.submit(job("failed", max_attempts=3))["jobs"]
+    (t,) = v.work()
+    v.complete(t, exit_code=1)
+    api.settle()
+    assert [x["state"] for x in api.job(failed_job)["tasks"]] == ["error", "ready"]
+    (again,) = v.work()
+    assert again["job_id"] == failed_job
+
+
+def test_a_volunteer_whose_result_was_rejected_never_gets_the_job_again(api: Api) -> None:
+    (jid,) = api.submit(job("x", copies=2, quorum=2, max_attempts=6))["jobs"]
+    a, b = api.volunteer(), api.volunteer()
+    (ta,) = a.work()
+    (tb,) = b.work()
+    a.complete(ta, data=b"one answer")
+    b.complete(tb, data=b"another answer")
+    api.settle()  # no quorum: both results disagree, the job asks for more copies
+    assert a.work() == [] and b.work() == []  # neither author gets a second try
+    c = api.volunteer()
+    assert [t["job_id"] for t in c.work()] == [jid]
+
+
 def test_job_fails_when_attempts_run_out(api: Api) -> None:
     (jid,) = api.submit(job("x", max_attempts=2))["jobs"]
     for _ in range(2):

@@ -99,6 +99,10 @@ JOB_FINAL = frozenset({J.DONE, J.FAILED, J.CANCELLED})
 TASK_FINAL = frozenset({T.VALID, T.INVALID, T.ERROR, T.LOST, T.ABORTED})
 # tasks that still count towards a job's replication (running or able to agree)
 TASK_LIVE = frozenset({T.READY, T.LEASED, T.REPORTED, T.VALID})
+# tasks that ended with no result that could ever count (the host vanished, or the payload failed): their
+# volunteer may take the job again. Any other task of a job keeps its volunteer off that job: two results
+# of one volunteer never make a quorum, and a rejected result gets no second try from its author.
+TASK_NO_RESULT = frozenset({T.LOST, T.ERROR})
 
 
 def sources(machine: dict[StrEnum, frozenset[StrEnum]], target: StrEnum) -> frozenset[StrEnum]:

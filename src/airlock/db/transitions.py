@@ -14,7 +14,6 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
-    Column,
     ColumnElement,
     Connection,
     Table,
@@ -87,7 +86,7 @@ def record_event(
 _STATE_VALUE = re.compile(r"^[a-z_]+$")
 
 
-def in_states(column: Column[Any], states: Iterable[str]) -> ColumnElement[bool]:
+def in_states(column: ColumnElement[Any], states: Iterable[str]) -> ColumnElement[bool]:
     """`column IN ('a', 'b')` with the states written into the SQL: a fixed set of our own state names
     (checked to be plain identifiers), so the statement compiles once and is cached, where a list of
     bound values would be re-expanded on every execution."""

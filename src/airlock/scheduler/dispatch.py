@@ -22,7 +22,7 @@ from airlock.core.schemas import (
     WorkReply,
     WorkRequest,
 )
-from airlock.core.states import JobState, TaskState, VolunteerState
+from airlock.core.states import TASK_NO_RESULT, JobState, TaskState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Issued, TokenIssuer, quarantine_path, record_credential
 from airlock.db import schema
@@ -82,7 +82,14 @@ _CANDIDATES_QUERY = (
         _J.c.cores <= bindparam("cores"),
         _J.c.memory_mb <= bindparam("memory"),
         _J.c.disk_mb <= bindparam("disk"),
-        ~exists().where(and_(_MINE.c.job_id == _T.c.job_id, _MINE.c.volunteer_id == bindparam("volunteer"))),
+        # distinct volunteers: none of the job's tasks is this volunteer's, but for one that gave nothing
+        ~exists().where(
+            and_(
+                _MINE.c.job_id == _T.c.job_id,
+                _MINE.c.volunteer_id == bindparam("volunteer"),
+                ~in_states(_MINE.c.state, [s.value for s in TASK_NO_RESULT]),
+            )
+        ),
     )
     .order_by(_T.c.id)
     .limit(bindparam("limit"))
@@ -172,9 +179,9 @@ def lease_tasks(
     host: Any = None,
 ) -> Leasing:
     """Lease up to `req.slots` ready tasks that fit the host, each on a job this volunteer has no task
-    of. `lease_to_deadline` is for clients that do not heartbeat (BOINC): their lease is the report
-    deadline. `host` is the row `own_host` returns, when the caller already fetched it in this
-    transaction."""
+    of (tasks that gave nothing, `TASK_NO_RESULT`, aside). `lease_to_deadline` is for clients that do
+    not heartbeat (BOINC): their lease is the report deadline. `host` is the row `own_host` returns,
+    when the caller already fetched it in this transaction."""
     given = host is not None and host.id == req.host_id and host.volunteer_id == volunteer_id
     if not given or host.volunteer_state != VolunteerState.ACTIVE.value:
         host = own_host(conn, volunteer_id, req.host_id)  # fetches and checks (raises if refused)
