@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
+from airlock.assimilator import assimilate
 from airlock.db import schema
-from airlock.db.engine import read
+from airlock.db.engine import READ_ONLY, read
 from airlock.validator.validate import validate_pending
 
 from .helpers import Api, job
@@ -84,3 +86,31 @@ def test_assimilator_killed_at_any_point_finishes_once_on_restart(api: Api, cras
         api.settle()
     assert list(api.gw.quarantine.list("quarantine")) == []
     assert api.count(f, f.c.kind == "output", f.c.state == "quarantined") == 0
+
+
+def test_a_pass_takes_the_writer_turn_once_a_batch_and_records_every_deletion(api: Api) -> None:
+    """On a busy gateway each wait for the writer turn costs the assimilator more than a batch's work,
+    so a batch's deletions are recorded by the next batch's transaction (the last by one of its own)."""
+    n = assimilate.BATCH + 3  # two batches
+    api.submit(*[job(f"j{i}") for i in range(n)])
+    v = api.volunteer(cores=64)
+    while tasks := v.work(slots=8):
+        for t in tasks:
+            v.complete(t, data=b"result %d\n" % t["task_id"])
+    while validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings):
+        pass
+    writes: list[bool] = []
+
+    def count(conn: Any) -> None:
+        writes.append(not conn.get_execution_options().get(READ_ONLY))
+
+    event.listen(api.gw.engine, "begin", count)
+    try:
+        assert assimilate.assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == n
+    finally:
+        event.remove(api.gw.engine, "begin", count)
+    assert writes.count(True) == 3  # two batches, then the last batch's deletions
+    f = schema.files
+    assert api.count(f, f.c.kind == "output", f.c.state == "deleted") == n
+    assert api.count(f, f.c.kind == "trusted") == n
+    assert list(api.gw.quarantine.list("quarantine")) == []
