@@ -99,6 +99,16 @@ def expect(r: Response, what: str, *statuses: int) -> Any:
     return r.json()
 
 
+async def jobs_by_state(op: Connection, token: str) -> Counter[str]:
+    """Every job of the run by state (the operator API's batch summaries)."""
+    headers = [("Authorization", f"Bearer {token}")]
+    found = await call("GET /api/v1/batches", lambda: op.request("GET", "/api/v1/batches", b"", headers), 200)
+    states: Counter[str] = Counter()
+    for batch in found:
+        states.update(batch["jobs_by_state"])
+    return states
+
+
 # ------------------------------------------------------------------------------------------- the server
 
 
@@ -448,7 +458,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             profiler = start_profiler(server, args.seconds, profile_raw)
             await asyncio.sleep(0.5)
         console.print(f"dispatch: {args.hosts} hosts doing full cycles for {args.seconds:g} s")
+        jobs_before = await jobs_by_state(op, server.operator_token)
         disp = await timed_phase(args.seconds, lambda s: [run_cycles(h, s) for h in hosts], monitor)
+        jobs_after = await jobs_by_state(op, server.operator_token)
         profile: dict[str, Any] | None = None
         if profiler is not None:
             _, err = profiler.communicate(timeout=60)
@@ -503,6 +515,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "loadgen_cpu_us_per_request_dispatch": disp.loadgen_cpu_s / disp_requests * 1e6
             if disp_requests
             else math.nan,
+            # whether the background loops kept up: jobs that reached done during the phase, and the
+            # results still waiting for the validator or the assimilator at its end
+            "jobs_done_per_s": (jobs_after["done"] - jobs_before["done"]) / disp.stats.seconds,
+            "jobs_waiting_at_end": {
+                "validating": jobs_after["validating"],
+                "assimilating": jobs_after["assimilating"],
+            },
             "server_peak_rss_mb": peak_sampled_kb / 1024,
             "server_sum_vmhwm_mb": sum_hwm_kb / 1024,
             "server_processes": monitor.peak_processes,
@@ -547,6 +566,15 @@ def ms(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
 
+def keeping_up(result: dict[str, Any]) -> str:
+    """Jobs done a second, and as a share of the cycles (100 %: the loops assimilate as fast as hosts
+    report; less: a backlog grows, and the run's CPU per cycle leaves part of a cycle's cost unpaid)."""
+    rate = f"{result['jobs_done_per_s']:,.0f}"
+    if not result["background"] or not result["cycles_per_s"]:
+        return rate
+    return f"{rate} ({result['jobs_done_per_s'] / result['cycles_per_s']:.0%} of cycles/s)"
+
+
 def show(result: dict[str, Any]) -> None:
     table = Table(title=f"Airlock dispatch benchmark ({result['db']}, {result['workers']} worker(s))")
     table.add_column("figure")
@@ -565,6 +593,11 @@ def show(result: dict[str, Any]) -> None:
         ("errors (dispatch / baseline)", f"{result['errors']} / {result['baseline_errors']}"),
         ("empty work replies (ran out of jobs)", str(result["empty_work_replies"])),
         ("server CPU per cycle", f"{result['server_cpu_ms_per_cycle']:.2f} ms"),
+        ("jobs done/s during cycles (loops keeping up?)", keeping_up(result)),
+        (
+            "jobs validating / assimilating at the end",
+            "{validating:,} / {assimilating:,}".format(**result["jobs_waiting_at_end"]),
+        ),
         ("server CPU per /healthz", f"{result['server_cpu_us_per_healthz']:.0f} us"),
         (
             "server CPU (cores) dispatch / baseline",
