@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import IntegrityError
 
-from airlock.db.engine import hot_begin, make_engine, writer_turn
+from airlock.db.engine import hot_begin, make_engine, writer_gate, writer_turn
 from airlock.db.group_commit import NestedWriteError
 
 
@@ -127,30 +127,56 @@ def test_a_failed_commit_fails_every_block_of_the_group_and_the_next_group_goes_
 
 
 def test_a_write_of_its_own_on_the_loop_commits_the_open_group_first(engine: Engine) -> None:
-    """A route that writes with `engine.begin()` on the loop thread while a group is open must neither
-    wait for the group (it cannot finish while the loop is blocked) nor write into it."""
+    """A route that writes with `engine.begin()` on the loop thread while a group holds the turn must
+    neither wait for the group (it cannot finish while the loop is blocked) nor write into it."""
     seen = commits(engine)
-    order: list[str] = []
+    rows_seen_by_own: list[int] = []
 
-    async def grouped() -> None:
+    async def grouped(n: int) -> None:
         async with writer_turn(engine, group=True):
-            insert(engine, 1)
-        order.append("grouped block left")
+            insert(engine, n)
 
     async def own() -> None:
-        await asyncio.sleep(0)  # the group is open now, its leader collecting members
+        gate = writer_gate(engine)
+        assert gate is not None
+        while gate.active is None:  # until the group holds the turn, its members running their blocks
+            await asyncio.sleep(0)
         with engine.begin() as conn:
-            assert committed_rows(engine) == [1]  # the group was committed first
+            rows_seen_by_own.extend(committed_rows(engine))
             conn.execute(text("INSERT INTO t (n) VALUES (2)"))
-        order.append("own transaction done")
 
     async def main() -> None:
-        await asyncio.gather(grouped(), own())
+        await asyncio.gather(grouped(1), grouped(3), own())
 
     asyncio.run(main())
-    assert committed_rows(engine) == [1, 2]
-    assert len(seen) == 2
-    assert set(order) == {"grouped block left", "own transaction done"}
+    assert 1 in rows_seen_by_own  # the group was committed first
+    assert committed_rows(engine) == [1, 2, 3]
+    assert 2 <= len(seen) <= 3  # the group (its member maybe in a group of its own), then own
+
+
+def test_the_turn_stays_free_while_a_group_gathers(engine: Engine) -> None:
+    """A group asks for the writer turn only once its members have gathered: meanwhile any other writer
+    (here one on the loop thread itself; as well another process) writes at once, ahead of the group."""
+    rows_seen_by_own: list[int] = []
+
+    async def grouped(n: int) -> None:
+        async with writer_turn(engine, group=True):
+            insert(engine, n)
+
+    async def own() -> None:
+        await asyncio.sleep(0)  # the group has begun to gather
+        gate = writer_gate(engine)
+        assert gate is not None and gate.active is None
+        with engine.begin() as conn:
+            rows_seen_by_own.extend(committed_rows(engine))
+            conn.execute(text("INSERT INTO t (n) VALUES (100)"))
+
+    async def main() -> None:
+        await asyncio.gather(grouped(1), own(), grouped(2))
+
+    asyncio.run(main())
+    assert rows_seen_by_own == []  # nothing of the group was written yet, and nothing waited for it
+    assert committed_rows(engine) == [1, 2, 100]
 
 
 def test_a_write_of_its_own_inside_a_member_is_refused_at_once(engine: Engine) -> None:

@@ -52,8 +52,9 @@ class WriterGate:
     held reservation rather than waiting, so it can never wait for a turn that only it could use).
 
     `turn(opener)` also groups the loop's hot transactions into one commit (`airlock.db.group_commit`):
-    the group's transaction then holds the turn across a few turns of the loop. A write transaction of
-    its own begun on the loop thread meanwhile commits the group first, and then takes its turn as usual.
+    the group gathers its members before it asks for the turn, and its transaction holds the turn while
+    they run their blocks. A write transaction of its own begun on the loop thread meanwhile commits the
+    group first, and then takes its turn as usual.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -186,7 +187,7 @@ class WriterGate:
         joined = False
         try:
             await asyncio.shield(group.ready)
-            joined = group.open  # False: closed before this member's turn came, so ask again
+            joined = group.in_transaction  # False: committed before this member's turn came: ask again
         except RuntimeError:  # the leader got no turn: ask again
             pass
         finally:
@@ -207,9 +208,12 @@ class WriterGate:
             queue = self._queues[loop] = asyncio.Lock()
         try:
             async with queue:
+                if group is not None:
+                    await group.gather()  # members join while the turn is still free for others
                 await self._reserve(loop)
                 try:
                     if group is not None and opener is not None:
+                        group.close()
                         group.begin(opener)  # uses the reservation: the group's transaction holds the turn
                         self.active = group
                         group.ready.set_result(None)

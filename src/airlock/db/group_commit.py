@@ -8,15 +8,22 @@ page once and costs far less than one commit each.
 
 How it runs, on one event loop (`WriterGate.turn(..., group=True)` in `airlock.db.engine`):
 
-* the first coroutine to ask for the writer turn leads a group: it takes the turn, begins the write
-  transaction and runs its own block;
-* coroutines that ask while the group is open join it: each runs its block inside a SAVEPOINT of the
-  group's transaction (`hot_begin` sees the group), so a block that fails is rolled back alone;
-* the leader keeps the group open for a few turns of the loop while others join, then commits once;
+* the first coroutine to ask for the writer turn leads a group: it lets a few turns of the loop go by
+  while others join (it does not hold the turn yet), then takes the turn, closes the group to newcomers,
+  begins the write transaction and runs its own block;
+* coroutines that asked while the group was open are its members: each runs its block inside a
+  SAVEPOINT of the group's transaction (`hot_begin` sees the group), so a block that fails is rolled
+  back alone; those that ask once it is closed lead the next group, which gathers meanwhile;
+* once every member has run its block, the leader commits once and gives the turn back;
 * every member leaves its `async with` only after that commit: no reply goes out for work that is not
   yet durable, exactly as with a commit of its own. If the commit fails, every member gets the error.
 
 A crash before the commit loses the group's work, and none of it was answered: the clients send again.
+
+The turn is held only from the moment the members run their blocks to the commit, not while the group
+gathers: the loop's other work (parsing requests, checking tokens, sending replies) then runs beside
+another process's write instead of behind it, and the background loops' writes find the turn free more
+often.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from sqlalchemy import Connection
 from airlock.db.fast import SavepointLost, savepoint
 
 MAX_MEMBERS = 128  # one group's members at most: bounds how long one transaction holds the writer turn
-MAX_ROUNDS = 16  # turns of the event loop a group stays open at most
-IDLE_ROUNDS = 2  # a group closes after this many turns of the loop in which nobody joined
+MAX_ROUNDS = 16  # turns of the event loop a group gathers members at most
+IDLE_ROUNDS = 2  # a group stops gathering after this many turns of the loop in which nobody joined
 
 _CURRENT: ContextVar[CommitGroup | None] = ContextVar("airlock_commit_group", default=None)
 
@@ -78,17 +85,24 @@ class CommitGroup:
     def in_transaction(self) -> bool:
         return self._conn is not None
 
-    async def collect(self) -> None:
-        """Keep the group open while others join (the leader, after its own block)."""
+    async def gather(self) -> None:
+        """Let members join for a few turns of the loop (the leader, before it asks for the turn)."""
         rounds = idle = 0
         seen = self.members
-        while self.open and rounds < MAX_ROUNDS and self.members < MAX_MEMBERS:
-            if self.running == 0 and idle >= IDLE_ROUNDS:
-                break
+        while self.open and rounds < MAX_ROUNDS and idle < IDLE_ROUNDS and self.members < MAX_MEMBERS:
             await asyncio.sleep(0)
             rounds += 1
             idle = idle + 1 if self.members == seen else 0
             seen = self.members
+
+    def close(self) -> None:
+        """No newcomers (they lead the next group); the members so far stay (the leader, at its turn)."""
+        self.open = False
+
+    async def collect(self) -> None:
+        """Wait until every member has run its block (the leader, after its own block)."""
+        while self.running and self.in_transaction:
+            await asyncio.sleep(0)
 
     def finish(self) -> None:
         """Close the group and commit its transaction (once); members waiting on `committed` learn the
