@@ -4,6 +4,7 @@ archive safety, quorum, host records, and that nothing reaches trusted storage b
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import zipfile
 from typing import Any
@@ -528,3 +529,21 @@ def test_a_storage_failure_on_one_job_holds_back_only_that_job(
     monkeypatch.setattr(assimilate, "_copy_to_trusted", real_copy)
     assert assimilate.assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 1
     assert api.job(ids[1])["state"] == "done"
+
+
+def test_valid_results_are_logged_together_and_every_other_verdict_with_its_reason(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.submit(*[job(f"j{i}") for i in range(3)])
+    v = api.volunteer()
+    tasks = v.work(slots=3)
+    v.complete(tasks[0])
+    v.complete(tasks[1])
+    v.complete(tasks[2], exit_code=2)
+    with caplog.at_level(logging.INFO, logger="airlock.validator"):
+        api.settle()
+    lines = [r.getMessage() for r in caplog.records if r.name == "airlock.validator"]
+    assert lines == [
+        f"tasks valid: {tasks[0]['task_id']}, {tasks[1]['task_id']}",
+        f"task {tasks[2]['task_id']}: error (exit code 2)",
+    ]

@@ -133,8 +133,10 @@ def _assimilate_batch(
         _mark_deleted(conn, removed)
         crash_point("assimilate.before_commit")
     crash_point("assimilate.after_commit")
-    for job_id, n in done:
-        log.info("job %s done: %d outputs in trusted storage", job_id, n)
+    if done:  # one line a batch (each job's outputs are also in its audit event)
+        log.info(
+            "jobs done, outputs in trusted storage: %s", ", ".join(f"{job_id} ({n})" for job_id, n in done)
+        )
     gone = [out for out, _ in finished]
     for out in gone:  # step 3
         quarantine.delete(out.location)

@@ -232,6 +232,17 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
                 if applied:
                     recorded.append((task, verdict))
         n += len(recorded)
-        for task, verdict in recorded:
-            log.info("task %s: %s (%s)", task.id, verdict.state.value, verdict.reason)
+        _log_verdicts(recorded)
     return n
+
+
+def _log_verdicts(recorded: list[tuple[Any, Verdict]]) -> None:
+    """One line for the valid results of a transaction (at a few hundred verdicts a second, a line each
+    cost the validator a tenth of its time), and one for every other verdict, with its reason. Every
+    verdict is also an audit event of its task."""
+    valid = [task.id for task, verdict in recorded if verdict.state == TaskState.VALID]
+    if valid:
+        log.info("tasks valid: %s", ", ".join(map(str, valid)))
+    for task, verdict in recorded:
+        if verdict.state != TaskState.VALID:
+            log.info("task %s: %s (%s)", task.id, verdict.state.value, verdict.reason)
