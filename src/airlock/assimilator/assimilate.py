@@ -9,12 +9,15 @@ Exactly-once in effect, whatever the point at which the process dies:
 A crash before 2 redoes 1 harmlessly; a crash after 2 finds the job done and does nothing more.
 Jobs go BATCH at a time: step 1 for each, step 2 for all of them in one transaction, then step 3. So a
 batch takes the writer turn once: on a busy gateway the serving process holds that turn most of the
-time, and each wait for it costs the assimilator more than a batch's work.
+time, and each wait for it costs the assimilator more than a batch's work. A batch's copies, and then its
+deletions, run IO_THREADS at a time: each mostly waits on the disk (an fsync, a link, a folder removed).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select
@@ -36,6 +39,19 @@ ACTOR = "system:assimilator"
 
 def trusted_key(batch_id: int, job_id: int, name: str) -> str:
     return f"trusted/{batch_id}/{job_id}/{name}"
+
+
+IO_THREADS = 4  # copies or deletions of one batch at once (more cost CPU and gained nothing here)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="airlock-assimilate-io")
+        return _pool
 
 
 BATCH = 25  # jobs per write transaction (one writer turn each): ~3 ms of statements under the lock
@@ -72,16 +88,15 @@ def _assimilate_batch(
         ):
             outputs.setdefault(out.task_id, []).append(out)
 
-    ready: list[tuple[Any, Any, list[tuple[Any, str]]]] = []
-    for job in jobs:
+    def copy(job: Any) -> tuple[Any, Any, list[tuple[Any, str]] | None]:
         task = tasks[job.canonical_task_id]
         try:
-            copied = _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []))
+            return job, task, _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []))
         except Exception:  # e.g. storage unreachable: this job waits for the next pass, the others go on
             log.exception("assimilating job %s failed; will retry", job.id)
-            continue
-        if copied is not None:
-            ready.append((job, task, copied))
+            return job, task, None
+
+    ready = [(job, task, copied) for job, task, copied in _io_pool().map(copy, jobs) if copied is not None]
     if not ready:
         return 0, removed
 
@@ -138,8 +153,8 @@ def _assimilate_batch(
             "jobs done, outputs in trusted storage: %s", ", ".join(f"{job_id} ({n})" for job_id, n in done)
         )
     gone = [out for out, _ in finished]
-    for out in gone:  # step 3
-        quarantine.delete(out.location)
+    for _ in _io_pool().map(lambda out: quarantine.delete(out.location), gone):  # step 3
+        pass
     return len(done), gone
 
 
