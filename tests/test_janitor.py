@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from airlock.assimilator import janitor
 from airlock.assimilator.janitor import sweep_quarantine
 from airlock.db import schema
 from airlock.storage.base import STAGING
@@ -82,3 +83,19 @@ def test_the_sweep_of_temporaries_lists_the_staging_folders_only(
     monkeypatch.setattr(os, "scandir", scandir)
     sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings, trusted=api.gw.trusted)
     assert listed == [f"quarantine/{STAGING}", f"trusted/{STAGING}"]
+
+
+def test_leftovers_go_in_batches_and_every_one_is_recorded(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(janitor, "BATCH", 2)
+    api.submit(*[job(f"x{i}", max_attempts=3) for i in range(5)])
+    v = api.volunteer(cores=8)
+    tasks = v.work(slots=5)
+    assert len(tasks) == 5
+    for t in tasks:
+        v.complete(t, data=b"bad", exit_code=1)
+    api.settle()
+    api.gw.settings.quarantine_retention_s = 0
+    assert sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings) == 5
+    f = schema.files
+    assert api.count(f, f.c.kind == "output", f.c.state == "deleted") == 5
+    assert list(api.gw.quarantine.list("quarantine")) == []

@@ -2,6 +2,8 @@
 
 A quarantined file goes when its task ended badly (invalid, error, lost, aborted) or its job is final,
 and it is older than the retention period (so an operator can inspect rejected output for a while).
+Files go first, then one transaction records a batch of them as deleted; a crash in between leaves rows
+whose files are gone, which the next pass records (deleting a missing file is no error).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from airlock.storage.base import Storage
 log = logging.getLogger("airlock.janitor")
 ACTOR = "system:janitor"
 PARTIAL_MAX_AGE_S = 3600  # far longer than any upload in progress takes
+BATCH = 100  # deletions recorded per write transaction (a busy gateway's writer turn is a wait each)
 _BAD = [TaskState.INVALID.value, TaskState.ERROR.value, TaskState.LOST.value, TaskState.ABORTED.value]
 
 
@@ -50,10 +53,13 @@ def sweep_quarantine(
             )
             .limit(limit)
         ).all()
-    for fid, location in rows:
-        quarantine.delete(location)
+    for i in range(0, len(rows), BATCH):  # the files first, then one transaction records a batch of them
+        chunk = rows[i : i + BATCH]
+        for _fid, location in chunk:
+            quarantine.delete(location)
         with engine.begin() as conn:
-            transition(conn, FileState.DELETED, fid, ACTOR, detail={"reason": "retention over"})
+            for fid, _location in chunk:
+                transition(conn, FileState.DELETED, fid, ACTOR, detail={"reason": "retention over"})
     partials = quarantine.sweep_partials("quarantine", PARTIAL_MAX_AGE_S)
     if trusted is not None:
         partials += trusted.sweep_partials("trusted", PARTIAL_MAX_AGE_S)
