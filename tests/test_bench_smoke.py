@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LAST_LINE = re.compile(r"^dispatch: (\d+) cycles/s, (\d+\.\d{3}) of baseline, p99 (\d+) ms$")
+COST_LINE = re.compile(
+    r"^cycle_cost: (\d+\.\d\d) ms CPU a cycle, SQLite (\d+\.\d\d) ms \((\d+)%\) in (\d+\.\d) calls$"
+)
 
 
 @pytest.mark.slow
@@ -67,3 +70,21 @@ def test_boinc_rpc_benchmark_smoke(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert figures["rpcs_per_s"] > 0 and figures["errors"] == 0, figures["error_samples"]
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_cycle_cost_smoke() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cycle_cost.py"), "--cycles", "40", "--hosts", "4"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    m = re.match(
+        r"^cycle_cost: (\d+\.\d\d) ms CPU a cycle, SQLite (\d+\.\d\d) ms \((\d+)%\) in (\d+\.\d) calls$",
+        lines[-1],
+    )
+    assert m, f"unexpected last line {lines[-1]!r}"
+    cpu, sqlite_ms, calls = float(m[1]), float(m[2]), float(m[4])
+    assert 0 < sqlite_ms < cpu and calls >= 10  # a cycle is some twenty statements and three commits
