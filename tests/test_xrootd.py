@@ -21,7 +21,13 @@ from airlock.credentials.keys import generate_signing_key
 from airlock.credentials.tokens import TokenIssuer
 from airlock.storage.base import STAGING, AlreadyExists, DigestMismatch
 from airlock.storage.xrootd import GatewayToken, XRootDStorage
-from airlock.storage.xrootd_server import XRootDServer, XRootDUnavailable
+from airlock.storage.xrootd_server import (
+    STARTUP_ATTEMPTS,
+    XRootDServer,
+    XRootDUnavailable,
+    free_port,
+    make_pki,
+)
 
 ISSUER = "https://airlock.test"
 STORAGE_AUDIENCE = "https://storage.airlock.test"
@@ -264,3 +270,19 @@ def test_a_namespace_below_the_server_root(issuer: TokenIssuer) -> None:
     finally:
         store.close()
         srv.stop()
+
+
+@pytest.mark.parametrize(("script", "starts"), [("kill -SEGV $$", STARTUP_ATTEMPTS), ("exit 1", 1)])
+def test_a_server_killed_by_a_signal_while_starting_is_started_again(
+    tmp_path: Path, script: str, starts: int
+) -> None:
+    """XRootD 5.5.3 has been seen to die of SIGSEGV as it starts (here, in CI): it is started again, up to
+    STARTUP_ATTEMPTS times; a server that exits by itself (a bad configuration) is not."""
+    srv = XRootDServer("https://airlock.test", {"keys": []}, ["https://airlock.test"], folder=tmp_path)
+    srv.pki = make_pki(tmp_path / "pki")
+    srv.port = free_port()
+    counter = tmp_path / "starts"
+    srv._cmd = ["sh", "-c", f"echo start >> {counter}; {script}"]
+    with pytest.raises(XRootDUnavailable, match=rf"start {starts} of {STARTUP_ATTEMPTS}"):
+        srv._launch()
+    assert counter.read_text().splitlines() == ["start"] * starts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -31,8 +32,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+log = logging.getLogger("airlock.storage")
 SERVICE_USER = "xrootd"
 STOP_GRACE_S = 2.0
+STARTUP_ATTEMPTS = 3  # starts of a server that a signal killed while starting
 KEYCACHE_YEARS = 10
 
 
@@ -237,14 +240,25 @@ class XRootDServer:
         return self
 
     def _launch(self) -> None:
-        self._proc = subprocess.Popen(
-            self._cmd,
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self._wait_ready()
+        """Start the server and wait until it answers. A server killed by a signal while it starts (XRootD
+        5.5.3 has been seen to crash with SIGSEGV as the first TLS connections come in) is started again,
+        up to STARTUP_ATTEMPTS times in all; any other failure is final at once."""
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            self._proc = subprocess.Popen(
+                self._cmd,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                self._wait_ready()
+                return
+            except XRootDUnavailable as exc:
+                code = self._proc.poll()
+                if code is None or code >= 0 or attempt == STARTUP_ATTEMPTS:
+                    raise XRootDUnavailable(f"{exc} (start {attempt} of {STARTUP_ATTEMPTS})") from None
+                log.warning("xrootd was killed by signal %d while starting; starting it again", -code)
 
     def answers(self, timeout_s: float = 5.0) -> bool:
         """Whether the server completes a TLS handshake and answers a request in time."""
