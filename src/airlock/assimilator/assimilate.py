@@ -16,7 +16,6 @@ deletions, run IO_THREADS at a time: each mostly waits on the disk (an fsync, a 
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,16 +41,7 @@ def trusted_key(batch_id: int, job_id: int, name: str) -> str:
 
 
 IO_THREADS = 4  # copies or deletions of one batch at once (more cost CPU and gained nothing here)
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _io_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="airlock-assimilate-io")
-        return _pool
+_IO = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="airlock-assimilate-io")  # threads start on use
 
 
 BATCH = 25  # jobs per write transaction (one writer turn each): ~3 ms of statements under the lock
@@ -67,10 +57,10 @@ def assimilate_job(engine: Engine, quarantine: Storage, trusted: Storage, job_id
 def _assimilate_batch(
     engine: Engine, quarantine: Storage, trusted: Storage, job_ids: list[int], removed: list[Any]
 ) -> tuple[int, list[Any]]:
-    """Steps 1-3 for several jobs: copies one by one, then ONE transaction marks them all done with
-    their provenance (and records as deleted the `removed` files: quarantined copies that an earlier
-    batch deleted), then the quarantined copies go. Returns how many jobs this call finished, and the
-    files still to be recorded as deleted (this batch's, or `removed` if nothing was committed)."""
+    """Steps 1-3 for several jobs: the copies (IO_THREADS at a time), then ONE transaction marks them all
+    done with their provenance (and records as deleted the `removed` files: quarantined copies that an
+    earlier batch deleted), then the quarantined copies go. Returns how many jobs this call finished, and
+    the files still to be recorded as deleted (this batch's, or `removed` if nothing was committed)."""
     j, f, t = schema.jobs, schema.files, schema.tasks
     with read(engine) as conn:
         jobs = conn.execute(
@@ -96,7 +86,7 @@ def _assimilate_batch(
             log.exception("assimilating job %s failed; will retry", job.id)
             return job, task, None
 
-    ready = [(job, task, copied) for job, task, copied in _io_pool().map(copy, jobs) if copied is not None]
+    ready = [(job, task, copied) for job, task, copied in _IO.map(copy, jobs) if copied is not None]
     if not ready:
         return 0, removed
 
@@ -153,8 +143,7 @@ def _assimilate_batch(
             "jobs done, outputs in trusted storage: %s", ", ".join(f"{job_id} ({n})" for job_id, n in done)
         )
     gone = [out for out, _ in finished]
-    for _ in _io_pool().map(lambda out: quarantine.delete(out.location), gone):  # step 3
-        pass
+    list(_IO.map(lambda out: quarantine.delete(out.location), gone))  # step 3; an error goes on from here
     return len(done), gone
 
 

@@ -8,8 +8,8 @@ a volunteer.
 
 Writes are create-only and atomic: bytes go to a temporary name in the area's staging folder
 (`trusted/.partial/`), are checked against the server's adler32, then MOVEd to their key only if the key
-is still free. Checksums come from the server (HEAD with
-`Want-Digest: adler32`); sha256 needs the bytes, so `stat()` and `download()` read the file.
+is still free. Checksums come from the server (HEAD with `Want-Digest: adler32`); sha256 needs the bytes,
+so `stat()` and `download()` read the file.
 """
 
 from __future__ import annotations
