@@ -43,6 +43,8 @@ TOKEN_TTL_S = 1200
 TOKEN_RENEW_BEFORE_S = 300
 DAV = "{DAV:}"
 IDEMPOTENT = frozenset({"HEAD", "GET", "PROPFIND", "DELETE"})
+ATTEMPTS = 3  # for an idempotent request whose connection broke; PUT and MOVE are sent once
+RETRY_PAUSE_S = 0.2
 
 
 class GatewayToken:
@@ -147,16 +149,31 @@ class XRootDStorage:
         headers: dict[str, str] | None = None,
         content: Iterator[bytes] | None = None,
     ) -> httpx.Response:
-        url, attempts = self.url(key), 2 if method in IDEMPOTENT else 1
+        return self._send(method, self.url(key), key, headers, content)
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        headers: dict[str, str] | None = None,
+        content: Iterator[bytes] | None = None,
+    ) -> httpx.Response:
+        attempts = ATTEMPTS if method in IDEMPOTENT else 1
         with self._io:
             for attempt in range(attempts):
                 try:
                     return self._client.request(method, url, headers=self._auth(headers), content=content)
-                except httpx.RemoteProtocolError as exc:  # XrdHttp closed the kept-alive connection
+                except httpx.TransportError as exc:
+                    # The connection broke before an answer: XrdHttp closed the kept-alive connection,
+                    # left it unanswered, or failed its TLS record (`bad record mac`, seen under load).
+                    # A request that changes nothing if done twice goes again, on a new connection.
                     if attempt + 1 == attempts:
-                        raise StorageError(f"{method} {key}: {exc}") from exc
+                        raise StorageError(f"{method} {what}: {exc}") from exc
+                    log.warning("%s %s: %s; trying again on a new connection", method, what, exc)
+                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
                 except httpx.HTTPError as exc:
-                    raise StorageError(f"{method} {key}: {exc}") from exc
+                    raise StorageError(f"{method} {what}: {exc}") from exc
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -182,19 +199,18 @@ class XRootDStorage:
     def download(self, key: str, dest: Path) -> Digest:
         """Copy the file to `dest`, hashing it; the bytes must match the server's own adler32."""
         with self._io, dest.open("xb") as fh:
-            for attempt in range(2):
+            for attempt in range(ATTEMPTS):
                 d = StreamingDigest()
                 fh.seek(0)
                 fh.truncate()
                 try:
                     self._get_into(key, fh, d)
                     break
-                except (httpx.RemoteProtocolError, httpx.TimeoutException) as exc:
-                    # XrdHttp closed the kept-alive connection, or left it unanswered (seen once on a
-                    # loaded machine): a GET may be tried again, on a new connection
-                    if attempt == 1:
+                except httpx.TransportError as exc:  # as in _request: a GET may go again
+                    if attempt + 1 == ATTEMPTS:
                         raise StorageError(f"GET {key}: {exc}") from exc
-                    log.warning("GET %s: %s; trying once more on a new connection", key, exc)
+                    log.warning("GET %s: %s; trying again on a new connection", key, exc)
+                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
                 except httpx.HTTPError as exc:
                     raise StorageError(f"GET {key}: {exc}") from exc
         got = d.digest()
@@ -362,8 +378,7 @@ class XRootDStorage:
                     yield key, _http_date(entry.findtext(f".//{DAV}getlastmodified"))
 
     def _root_propfind(self) -> httpx.Response:
-        with self._io:
-            return self._client.request("PROPFIND", self.base_url + "/", headers=self._auth({"Depth": "1"}))
+        return self._send("PROPFIND", self.base_url + "/", "/", {"Depth": "1"})
 
 
 def open_xrootd(settings: Settings, issuer: TokenIssuer) -> XRootDStorage:
