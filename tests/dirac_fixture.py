@@ -57,37 +57,40 @@ class DiracServer:
         return env
 
     def run(
-        self, args: Sequence[str], *, cwd: Path | None = None, timeout: float = 120, check: bool = True
+        self,
+        args: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        check: bool = True,
+        tries: int = 3,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a DIRAC command line tool (from the venv) as alice."""
+        """Run a DIRAC command line tool (from the venv) as alice. A tool that could not connect to a
+        DIRAC service (seen under load: `SSLError(104, 'Connection reset by peer')`, `NoCertificate('peer
+        did not return certificate')`) sent it nothing, so it is run again, as alice would, before that
+        counts as a failure."""
         cmd = [str(self.python.parent / args[0]), *args[1:]]
-        res = subprocess.run(
-            cmd,
-            cwd=cwd or self.root,
-            env=self.tool_env(),
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-        return res
-
-    def status(self, job_id: int, *, tries: int = 3) -> dict[str, str]:
-        """The job's state as alice sees it with dirac-wms-job-status. A refused or reset connection to
-        a DIRAC service (seen once under load: `SSLError(104, 'Connection reset by peer')`) is tried
-        again, as DIRAC's own clients do, before it counts as a failure."""
         for attempt in range(tries):
-            res = self.run(["dirac-wms-job-status", str(job_id)], check=False)
+            res = subprocess.run(
+                cmd,
+                cwd=cwd or self.root,
+                env=self.tool_env(),
+                text=True,
+                capture_output=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
             if res.returncode == 0 or "Can't connect to dips://" not in res.stdout + res.stderr:
                 break
             if attempt + 1 < tries:
                 time.sleep(1.0)
-        if res.returncode != 0:
-            raise AssertionError(
-                f"dirac-wms-job-status {job_id} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
-            )
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def status(self, job_id: int) -> dict[str, str]:
+        """The job's state as alice sees it with dirac-wms-job-status."""
+        res = self.run(["dirac-wms-job-status", str(job_id)])
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith(f"JobID={job_id} ")), None)
         assert line, f"job {job_id} not in dirac-wms-job-status output:\n{res.stdout}\n{res.stderr}"
         return dict(re.findall(r"(\w+)=([^;]*);", line.split(" ", 1)[1]))
