@@ -102,3 +102,52 @@ def test_an_upload_cancelled_while_its_file_is_opened_leaves_no_file_open(
     fd, _tmp = made[0]
     assert not Path(f"/proc/self/fd/{fd}").exists(), "the pending file's descriptor was left open"
     assert _everything(storage.root) == []
+
+
+def _record_folder_syncs(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[tuple[str, list[str]]]:
+    """Each folder fsync as (folder, what was in it then), relative to `root`."""
+    synced: list[tuple[str, list[str]]] = []
+    real = local._fsync_dir
+
+    def record(path: Path) -> None:
+        inside = sorted(p.relative_to(root).as_posix() for p in path.iterdir() if p.name != STAGING)
+        synced.append((path.relative_to(root).as_posix(), inside))
+        real(path)
+
+    monkeypatch.setattr(local, "_fsync_dir", record)
+    return synced
+
+
+def test_a_folder_made_for_a_file_is_synced_in_its_parent_before_the_file_goes_in(
+    storage: LocalStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fsyncing a file and its folder does not make new folders above it survive a power cut: each
+    folder made on the way is synced in its parent first, and only new folders cost a sync."""
+    synced = _record_folder_syncs(monkeypatch, storage.root)
+    asyncio.run(storage.receive("quarantine/7/8/out.txt", _chunks(b"data\n"), max_size=100)).publish()
+    assert synced == [
+        (".", ["quarantine"]),
+        ("quarantine", ["quarantine/7"]),
+        ("quarantine/7", ["quarantine/7/8"]),  # the task's folder, still empty
+        ("quarantine/7/8", ["quarantine/7/8/out.txt"]),  # the file's name, once published
+    ]
+
+    synced.clear()  # the assimilator's copy: a job's new folder in an existing batch folder
+    (storage.root / "trusted" / "3").mkdir(parents=True)
+    assert storage.copy_in(
+        "trusted/3/9/out.txt", storage.root / "quarantine/7/8/out.txt", digest_bytes(b"data\n")
+    )
+    assert synced == [("trusted/3", ["trusted/3/9"]), ("trusted/3/9", ["trusted/3/9/out.txt"])]
+
+    synced.clear()  # a second output into the task's existing folder: only that folder
+    asyncio.run(storage.receive("quarantine/7/8/log.txt", _chunks(b"log\n"), max_size=100)).publish()
+    assert synced == [("quarantine/7/8", ["quarantine/7/8/log.txt", "quarantine/7/8/out.txt"])]
+
+
+def test_without_fsync_folders_are_made_and_nothing_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path / "root", fsync=False)
+    synced = _record_folder_syncs(monkeypatch, storage.root)
+    asyncio.run(storage.receive("quarantine/7/8/out.txt", _chunks(b"data\n"), max_size=100)).publish()
+    assert _everything(storage.root) == ["quarantine/7/8/out.txt"] and synced == []
