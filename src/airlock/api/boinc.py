@@ -28,6 +28,7 @@ from airlock.boinc.upload import UploadHandler
 from airlock.context import Gateway
 from airlock.core.errors import NotFound, Unauthorized
 from airlock.credentials.accounts import lookup_boinc_account
+from airlock.db.engine import run_write
 from airlock.generator.inputs import input_key
 
 router = APIRouter(prefix="/boinc", tags=["boinc"])
@@ -73,12 +74,6 @@ def answer_rpc(gw: Gateway, req: SchedulerRequest) -> bytes:
     return render_reply(handle_request(gw.engine, Rpc(project(gw), gw.issuer, gw.inputs), req))
 
 
-def rpc_reply(gw: Gateway, body: bytes | None) -> bytes:
-    """The scheduler reply to one request body (see `parse_rpc`)."""
-    req = parse_rpc(gw, body)
-    return req if isinstance(req, bytes) else answer_rpc(gw, req)
-
-
 async def _body(request: Request, limit: int) -> bytes | None:
     """The whole body, or None once it is over `limit` bytes."""
     length = request.headers.get("content-length")
@@ -93,13 +88,16 @@ async def _body(request: Request, limit: int) -> bytes | None:
 
 
 async def scheduler(request: Request) -> Response:
-    """A scheduler RPC: report results, get work (see `rpc_reply`).
+    """A scheduler RPC: report results, get work (`parse_rpc`, then `answer_rpc` in its one transaction).
 
     A plain Starlette route (added in `api.app`), and `airlock serve` answers it before FastAPI even
     sees the request (`api.hot`): at a thousand RPCs a second the framework's layers cost more than
     the RPC's own database work."""
     gw: Gateway = request.app.state.gateway
-    return Response(rpc_reply(gw, await _body(request, MAX_REQUEST_BYTES)), media_type=XML)
+    req = parse_rpc(gw, await _body(request, MAX_REQUEST_BYTES))
+    if isinstance(req, bytes):
+        return Response(req, media_type=XML)
+    return Response(await run_write(gw.engine, lambda: answer_rpc(gw, req)), media_type=XML)
 
 
 @router.get("/download/{mac}/{sha256}", response_class=FileResponse)

@@ -34,7 +34,7 @@ from airlock.context import Gateway
 from airlock.core.errors import TooLarge
 from airlock.core.schemas import INT32, Heartbeat, TaskReport, WorkRequest
 from airlock.credentials.tokens import Claims
-from airlock.db.engine import writer_turn
+from airlock.db.engine import run_write
 
 log = logging.getLogger("airlock.api")
 SCHEDULER_PATH = "/boinc/cgi"
@@ -145,8 +145,7 @@ class HotRoutes:
             if isinstance(req, bytes):
                 reply = req
             else:
-                async with writer_turn(self.gw.engine, group=True):
-                    reply = answer_rpc(self.gw, req)
+                reply = await run_write(self.gw.engine, lambda: answer_rpc(self.gw, req))
             status, kind = 200, XML
         except Exception:
             log.exception("scheduler RPC failed")
@@ -174,8 +173,7 @@ class HotRoutes:
             except ValidationError as exc:
                 await respond_error(send, errors.for_validation(exc.errors(), in_body=True))
                 return
-            async with writer_turn(self.gw.engine, group=True):
-                reply = call(who, request)
+            reply = await run_write(self.gw.engine, lambda: call(who, request))
         except Exception as exc:
             await self._fail(send, exc)
             return

@@ -33,7 +33,7 @@ from airlock.core.schemas import (
 from airlock.credentials import accounts
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims
-from airlock.db.engine import hot_begin
+from airlock.db.engine import hot_begin, run_write
 from airlock.generator.inputs import input_key, lookup_input
 from airlock.scheduler.dispatch import register_host, request_work
 from airlock.scheduler.leases import heartbeat
@@ -86,17 +86,17 @@ def report_for(gw: Gateway, who: Claims, task_id: int, body: TaskReport) -> Repo
 
 @router.post("/work")
 async def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
-    return work_for(gw, who, body)
+    return await run_write(gw.engine, lambda: work_for(gw, who, body))
 
 
 @router.post("/tasks/{task_id}/heartbeat")
 async def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
-    return heartbeat_for(gw, who, task_id, body)
+    return await run_write(gw.engine, lambda: heartbeat_for(gw, who, task_id, body))
 
 
 @router.post("/tasks/{task_id}/report")
 async def task_report(gw: GatewayDep, who: Volunteer, task_id: PathId, body: TaskReport) -> ReportAccepted:
-    return report_for(gw, who, task_id, body)
+    return await run_write(gw.engine, lambda: report_for(gw, who, task_id, body))
 
 
 @router.get("/inputs/{sha256}", response_class=FileResponse)

@@ -23,7 +23,7 @@ from airlock.core.states import FileState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
-from airlock.db.engine import hot_begin, hot_read, utcnow, writer_turn
+from airlock.db.engine import hot_begin, hot_read, run_read, run_write, utcnow
 from airlock.db.fast import Fast, bound
 from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event
@@ -180,7 +180,7 @@ async def receive_upload(
         with hot_read(engine) as conn:
             return authorise_upload(conn, claims, volunteer_id, task_id, name)
 
-    target = _authorise()  # one short read: cheaper on the event loop than a thread hand-off
+    target = await run_read(engine, _authorise)
     declared = _declared_digest(headers)
     length = headers.get("content-length")
     if length is None or not length.isdigit():
@@ -225,12 +225,9 @@ async def receive_upload(
             return False
 
     # A local quarantine on SQLite publishes with a link(2) and no fsync (see `Gateway.open`): cheaper
-    # on the event loop than a hand-off to a thread and back.
-    if pending.blocking:
-        created = await run_in_threadpool(_publish)
-    else:
-        async with writer_turn(engine, group=True):
-            created = _publish()
+    # on the event loop than a hand-off to a thread and back. A publish that fsyncs or goes over the
+    # network (XRootD) blocks: in a worker thread.
+    created = await (run_in_threadpool(_publish) if pending.blocking else run_write(engine, _publish))
     receipt = UploadAccepted(
         path=f"/{target.key}", size=digest.size, adler32=digest.adler32, sha256=digest.sha256
     )

@@ -1,0 +1,66 @@
+"""Where a request's one transaction runs (`run_write`, `run_read`): on SQLite on the event loop, in the
+writer turn; on PostgreSQL in a worker thread, so a transaction waiting on the server (a round trip, a
+commit's WAL flush, a row lock) never holds up the other requests the loop is serving."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from sqlalchemy import select, update
+
+from airlock.context import Gateway
+from airlock.db import schema
+from airlock.db.engine import hot_begin, hot_read, is_sqlite, run_read, run_write, utcnow
+
+
+def test_sqlite_runs_it_on_the_loop_and_postgresql_in_a_thread(gw: Gateway) -> None:
+    async def where() -> tuple[int, int, int]:
+        return (
+            threading.get_ident(),
+            await run_write(gw.engine, threading.get_ident),
+            await run_read(gw.engine, threading.get_ident),
+        )
+
+    loop, wrote, read = asyncio.run(where())
+    if is_sqlite(gw.engine):
+        assert wrote == read == loop
+    else:
+        assert wrote != loop and read != loop
+
+
+def test_on_postgresql_a_request_waiting_on_a_row_lock_holds_up_no_other(gw: Gateway) -> None:
+    if is_sqlite(gw.engine):  # one writer at a time there, by design: nothing to overlap
+        return
+    v = schema.volunteers
+    with gw.engine.begin() as conn:
+        for name in ("a", "b"):
+            conn.execute(
+                v.insert().values(
+                    name=name, password_hash="x", authenticator=name, state="active", created_at=utcnow()
+                )
+            )
+
+    def rename(name: str, to: str) -> None:
+        with hot_begin(gw.engine) as conn:
+            # were the wait on the event loop, the holder below could never let go: fail, not hang
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+            conn.execute(update(v).where(v.c.name == name).values(name=to))
+
+    def names() -> list[str]:
+        with hot_read(gw.engine) as conn:
+            return sorted(conn.execute(select(v.c.name)).scalars())
+
+    async def main() -> None:
+        with gw.engine.connect() as holder:  # another transaction holds volunteer a's row
+            holder.execute(select(v).where(v.c.name == "a").with_for_update())
+            blocked = asyncio.create_task(run_write(gw.engine, lambda: rename("a", "a2")))
+            await asyncio.sleep(0.3)
+            assert not blocked.done()  # waiting on the lock, in its thread
+            await asyncio.wait_for(run_write(gw.engine, lambda: rename("b", "b2")), 10)
+            assert await asyncio.wait_for(run_read(gw.engine, names), 10) == ["a", "b2"]
+            holder.rollback()
+        await asyncio.wait_for(blocked, 10)  # and it goes on once the lock is free
+        assert await run_read(gw.engine, names) == ["a2", "b2"]
+
+    asyncio.run(main())
