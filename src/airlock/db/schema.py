@@ -195,6 +195,13 @@ tasks = Table(
 Index("ix_tasks_state", tasks.c.state, tasks.c.id)
 Index("ix_tasks_lease", tasks.c.state, tasks.c.lease_expires_at)
 Index("ix_tasks_host", tasks.c.host_id)
+# PostgreSQL only: a work request reads the ready tasks oldest first from an index of them alone (with
+# ix_tasks_state, PostgreSQL's planner walked every task in id order past the finished ones: it takes
+# ready tasks to be spread evenly, and they come last), and skips the jobs this volunteer already holds
+# a task of by (volunteer, job), not by reading every task, which that planner did without the index.
+# SQLite's planner reads both from ix_tasks_state and ix_tasks_job_id already (tests/test_dispatch_plans).
+Index("ix_tasks_ready", tasks.c.id, postgresql_where=text("state = 'ready'")).ddl_if(dialect="postgresql")
+Index("ix_tasks_volunteer_job", tasks.c.volunteer_id, tasks.c.job_id).ddl_if(dialect="postgresql")
 
 files = Table(
     "files",

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Text, and_, bindparam, cast, exists, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    exists,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.orm import aliased
 
 from airlock.config import Settings
@@ -77,7 +88,9 @@ _CANDIDATES_QUERY = (
     )
     .join(_J, _J.c.id == _T.c.job_id)
     .where(
-        _T.c.state == TaskState.READY.value,
+        # in the SQL text, not a parameter: a prepared statement's generic plan may then use the
+        # partial index ix_tasks_ready
+        _T.c.state == literal_column(f"'{TaskState.READY.value}'"),
         in_states(_J.c.state, [JobState.QUEUED.value, JobState.RUNNING.value, JobState.VALIDATING.value]),
         _J.c.cores <= bindparam("cores"),
         _J.c.memory_mb <= bindparam("memory"),
@@ -91,7 +104,7 @@ _CANDIDATES_QUERY = (
             )
         ),
     )
-    .order_by(_T.c.id)
+    .order_by(_T.c.id)  # from ix_tasks_ready: the ready tasks alone (see the schema)
     .limit(bindparam("limit"))
 )
 _CANDIDATES = Fast(_CANDIDATES_QUERY)
