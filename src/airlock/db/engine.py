@@ -469,11 +469,13 @@ def read(engine: Engine) -> Iterator[Connection]:
 
 
 # ------------------------------------------------------------------------------- pinned connections
-MAX_PINNED_THREADS = 4
+MAX_PINNED_THREADS = 12  # the event loop's, the request thread pool's (api.app.THREADS) and a few more
 
 
 class _Pins:
-    """The connections that a few threads of one engine keep between their hot transactions."""
+    """The connections that a few threads of one engine keep between their hot transactions. A thread
+    pool's workers come and go (anyio ends one idle for 10 s): the connections of a thread that has ended
+    are given back when a new thread needs its place, so the places never fill up with dead threads."""
 
     def __init__(self, engine: Engine) -> None:
         self.lock = threading.Lock()
@@ -487,12 +489,24 @@ class _Pins:
             return None if conn.in_transaction() else conn  # in use (a nested call): not pinned
         with self.lock:
             if conn is None and len({t for t, _ in self.conns}) >= MAX_PINNED_THREADS:
-                return None
+                self._forget_ended_threads()
+                if len({t for t, _ in self.conns}) >= MAX_PINNED_THREADS:
+                    return None
             conn = engine.connect()
             if read_only:
                 conn.execution_options(**{READ_ONLY: True})
             self.conns[key] = conn
         return conn
+
+    def _forget_ended_threads(self) -> None:
+        """Close the kept connections of threads that have ended (called with the lock held). One in a
+        transaction stays: its thread may be alive and unknown to `threading` (started from C)."""
+        alive = {t.ident for t in threading.enumerate()}
+        for key, conn in list(self.conns.items()):
+            if key[0] not in alive and not conn.in_transaction():
+                del self.conns[key]
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def drop(self, conn: Connection) -> None:
         with self.lock:
