@@ -46,7 +46,7 @@ from rich.table import Table  # noqa: E402
 
 from harness import PhaseResult, free_port, stop_process, timed_phase, wait_healthy  # noqa: E402
 from loadgen import Connection, Response, install_fast_loop  # noqa: E402
-from procstats import TreeMonitor  # noqa: E402
+from procstats import TreeMonitor, backends_of  # noqa: E402
 from workload import ENDPOINTS, Host, cycle_summary, run_cycles, run_healthz  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -381,6 +381,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="airlock-dispatch-"))
     server = Server(args, data_dir, free_port(), secrets.token_urlsafe(32))
     monitor: TreeMonitor | None = None
+    db_monitor: TreeMonitor | None = None  # PostgreSQL's own processes for this database
     hosts: list[Host] = []
     result: dict[str, Any] = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -393,6 +394,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         assert server.proc is not None
         monitor = TreeMonitor(server.proc.pid, interval=0.25)
         monitor.start()
+        if server.pg_db is not None:
+            pg_db = server.pg_db
+            db_monitor = TreeMonitor(0, interval=0.25, select=lambda: backends_of(pg_db))
+            db_monitor.start()
         console.print(f"server up in {server.started_in_s:.1f} s on port {server.port}")
 
         # ---- set-up through the operator and volunteer APIs
@@ -459,7 +464,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         console.print(f"dispatch: {args.hosts} hosts doing full cycles for {args.seconds:g} s")
         jobs_before = await jobs_by_state(op, server.operator_token)
+        db_cpu0 = db_monitor.total_cpu_s() if db_monitor is not None else 0.0
         disp = await timed_phase(args.seconds, lambda s: [run_cycles(h, s) for h in hosts], monitor)
+        db_cpu = db_monitor.total_cpu_s() - db_cpu0 if db_monitor is not None else None
         jobs_after = await jobs_by_state(op, server.operator_token)
         profile: dict[str, Any] | None = None
         if profiler is not None:
@@ -509,6 +516,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if base_ep["requests"]
             else math.nan,
             "server_cpu_cores_dispatch": disp.server_cpu_s / disp.stats.seconds,
+            # PostgreSQL's backends for the bench's database, which run on the same machine (None: SQLite)
+            "database_cpu_ms_per_cycle": db_cpu / n_cycles * 1e3 if db_cpu is not None and n_cycles else None,
+            "database_cpu_cores_dispatch": db_cpu / disp.stats.seconds if db_cpu is not None else None,
             "server_cpu_cores_baseline": base.server_cpu_s / base.stats.seconds,
             "loadgen_cpu_cores_dispatch": disp.loadgen_cpu_s / disp.stats.seconds,
             "loadgen_cpu_cores_baseline": base.loadgen_cpu_s / base.stats.seconds,
@@ -546,8 +556,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for h in hosts:
             h.conn.close()
-        if monitor is not None:
-            monitor.stop()
+        for watching in (monitor, db_monitor):
+            if watching is not None:
+                watching.stop()
         code = server.stop()
         result["server_exit_code"] = code
         if server.log.exists():
@@ -593,6 +604,16 @@ def show(result: dict[str, Any]) -> None:
         ("errors (dispatch / baseline)", f"{result['errors']} / {result['baseline_errors']}"),
         ("empty work replies (ran out of jobs)", str(result["empty_work_replies"])),
         ("server CPU per cycle", f"{result['server_cpu_ms_per_cycle']:.2f} ms"),
+        *(
+            [
+                (
+                    "PostgreSQL's CPU per cycle (cores)",
+                    "{database_cpu_ms_per_cycle:.2f} ms ({database_cpu_cores_dispatch:.2f})".format(**result),
+                )
+            ]
+            if result.get("database_cpu_ms_per_cycle") is not None
+            else []
+        ),
         ("jobs done/s during cycles (loops keeping up?)", keeping_up(result)),
         (
             "jobs validating / assimilating at the end",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
 
 
+def backends_of(database: str) -> list[int]:
+    """The PostgreSQL server processes serving `database` on this machine (their title names it:
+    `postgres: 15/main: <user> <database> <client> <state>`)."""
+    found = []
+    for entry in os.scandir(_PROC):
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (_PROC / entry.name / "cmdline").read_bytes().replace(b"\0", b" ").split()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if title[:1] == [b"postgres:"] and database.encode() in title[2:]:
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass
 class TreeSample:
     rss_kb: int
@@ -70,11 +87,12 @@ class TreeSample:
 
 @dataclass
 class TreeMonitor:
-    """Samples a process tree in a background thread: peak of the summed RSS, per-process peak (VmHWM)
-    and CPU time, remembering processes that have already exited."""
+    """Samples a process tree (or the processes `select` returns) in a background thread: peak of the
+    summed RSS, per-process peak (VmHWM) and CPU time, remembering processes that have already exited."""
 
     root: int
     interval: float = 0.2
+    select: Callable[[], list[int]] | None = None  # the processes to watch instead of root's tree
     peak_rss_kb: int = 0
     peak_processes: int = 0
     hwm_kb: dict[int, int] = field(default_factory=dict)
@@ -84,7 +102,7 @@ class TreeMonitor:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def sample(self) -> TreeSample:
-        pids = process_tree(self.root)
+        pids = self.select() if self.select is not None else process_tree(self.root)
         total = 0
         with self._lock:
             for pid in pids:
