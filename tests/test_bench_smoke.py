@@ -7,8 +7,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from .conftest import PG_ADMIN
 
 REPO = Path(__file__).resolve().parent.parent
 LAST_LINE = re.compile(r"^dispatch: (\d+) cycles/s, (\d+\.\d{3}) of baseline, p99 (\d+) ms$")
@@ -52,6 +55,27 @@ def test_dispatch_benchmark_smoke(tmp_path: Path) -> None:
     assert figures["cycles"] > 0
     assert figures["errors"] == 0 and figures["baseline_errors"] == 0, figures["error_samples"]
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_dispatch_benchmark_on_postgresql_counts_the_database_s_cpu(tmp_path: Path, pg_admin: Any) -> None:
+    """`--db postgres`: the run on a database of its own, with the CPU of PostgreSQL's own processes for
+    it (they are not in the server's process tree) in the figures. `pg_admin`: skip or fail as the other
+    PostgreSQL tests do when there is no server."""
+    out = tmp_path / "dispatch.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "dispatch.py"), "--db", "postgres",
+         "--pg-url", PG_ADMIN.rsplit("/", 1)[0], "--seconds", "2", "--hosts", "4", "--warmup", "0.5",
+         "--settle", "0", "--jobs", "1000", "--json", str(out)],
+        capture_output=True, text=True, timeout=110, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    figures = json.loads(out.read_text())
+    assert figures["cycles"] > 0 and figures["errors"] == 0, figures["error_samples"]
+    assert figures["database_cpu_ms_per_cycle"] > 0 and figures["database_cpu_cores_dispatch"] > 0
+    assert "PostgreSQL's CPU per cycle" in proc.stdout
 
 
 @pytest.mark.slow
