@@ -15,7 +15,7 @@ from airlock.credentials.keys import generate_signing_key
 from airlock.credentials.tokens import TokenIssuer
 from airlock.storage import xrootd
 from airlock.storage.base import StorageError
-from airlock.storage.xrootd import ATTEMPTS, GatewayToken, XRootDStorage
+from airlock.storage.xrootd import ATTEMPTS, TIMEOUT_ATTEMPTS, GatewayToken, XRootDStorage
 
 BASE = "https://xrootd.test:1094/data"
 DATA = b"validated bytes of a ROOT file"
@@ -33,15 +33,19 @@ def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def storage_with(
-    issuer: TokenIssuer, answer: Callable[[httpx.Request], httpx.Response], broken: int
+    issuer: TokenIssuer,
+    answer: Callable[[httpx.Request], httpx.Response],
+    broken: int,
+    failure: type[httpx.TransportError] = httpx.ReadError,
 ) -> tuple[XRootDStorage, list[str]]:
-    """A storage whose first `broken` requests die with a TLS read error, the rest get `answer`."""
+    """A storage whose first `broken` requests die with `failure` (a TLS read error), the rest get
+    `answer`."""
     sent: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append(request.method)
         if len(sent) <= broken:
-            raise httpx.ReadError(BAD_MAC, request=request)
+            raise failure(BAD_MAC if failure is httpx.ReadError else "timed out", request=request)
         return answer(request)
 
     storage = XRootDStorage(BASE, GatewayToken(issuer, "https://storage.airlock.test"))
@@ -89,3 +93,19 @@ def test_a_move_is_sent_once_even_when_its_connection_breaks(issuer: TokenIssuer
     with pytest.raises(StorageError, match="MOVE"):
         storage._request("MOVE", "trusted/.partial/x", {"Destination": storage.url("trusted/1/7/x")})
     assert sent == ["MOVE"]
+
+
+def test_a_request_that_timed_out_goes_again_only_once(issuer: TokenIssuer, tmp_path: Path) -> None:
+    """A server that let a request time out is likely stalled (XrdHttp was seen to stop answering for
+    minutes): each further try would cost a whole timeout, so a timeout gets one more try, not two."""
+    assert TIMEOUT_ATTEMPTS < ATTEMPTS
+    storage, sent = storage_with(issuer, served, broken=ATTEMPTS, failure=httpx.ReadTimeout)
+    with pytest.raises(StorageError, match="timed out"):
+        storage.checksum("trusted/1/7/events.root")
+    assert sent == ["HEAD"] * TIMEOUT_ATTEMPTS
+    storage, sent = storage_with(issuer, served, broken=ATTEMPTS, failure=httpx.ConnectTimeout)
+    with pytest.raises(StorageError, match="timed out"):
+        storage.download("trusted/1/7/events.root", tmp_path / "copy")
+    assert sent == ["GET"] * TIMEOUT_ATTEMPTS
+    storage, sent = storage_with(issuer, served, broken=1, failure=httpx.ReadTimeout)
+    assert storage.checksum("trusted/1/7/events.root") is not None  # one timeout, then an answer

@@ -44,7 +44,14 @@ TOKEN_RENEW_BEFORE_S = 300
 DAV = "{DAV:}"
 IDEMPOTENT = frozenset({"HEAD", "GET", "PROPFIND", "DELETE"})
 ATTEMPTS = 3  # for an idempotent request whose connection broke; PUT and MOVE are sent once
+TIMEOUT_ATTEMPTS = 2  # when it timed out: the server is likely stalled, and each try costs a whole timeout
 RETRY_PAUSE_S = 0.2
+
+
+def _try_again(exc: httpx.TransportError, attempt: int, attempts: int) -> bool:
+    """Whether a request whose connection broke with `exc` on try `attempt` (from 0) is sent again."""
+    limit = min(attempts, TIMEOUT_ATTEMPTS) if isinstance(exc, httpx.TimeoutException) else attempts
+    return attempt + 1 < limit
 
 
 class GatewayToken:
@@ -168,7 +175,7 @@ class XRootDStorage:
                     # The connection broke before an answer: XrdHttp closed the kept-alive connection,
                     # left it unanswered, or failed its TLS record (`bad record mac`, seen under load).
                     # A request that changes nothing if done twice goes again, on a new connection.
-                    if attempt + 1 == attempts:
+                    if not _try_again(exc, attempt, attempts):
                         raise StorageError(f"{method} {what}: {exc}") from exc
                     log.warning("%s %s: %s; trying again on a new connection", method, what, exc)
                     time.sleep(RETRY_PAUSE_S * (attempt + 1))
@@ -207,7 +214,7 @@ class XRootDStorage:
                     self._get_into(key, fh, d)
                     break
                 except httpx.TransportError as exc:  # as in _request: a GET may go again
-                    if attempt + 1 == ATTEMPTS:
+                    if not _try_again(exc, attempt, ATTEMPTS):
                         raise StorageError(f"GET {key}: {exc}") from exc
                     log.warning("GET %s: %s; trying again on a new connection", key, exc)
                     time.sleep(RETRY_PAUSE_S * (attempt + 1))
