@@ -22,10 +22,10 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
@@ -46,6 +46,7 @@ IDEMPOTENT = frozenset({"HEAD", "GET", "PROPFIND", "DELETE"})
 ATTEMPTS = 3  # for an idempotent request whose connection broke; PUT and MOVE are sent once
 TIMEOUT_ATTEMPTS = 2  # when it timed out: the server is likely stalled, and each try costs a whole timeout
 RETRY_PAUSE_S = 0.2
+T = TypeVar("T")
 
 
 def _try_again(exc: httpx.TransportError, attempt: int, attempts: int) -> bool:
@@ -168,19 +169,27 @@ class XRootDStorage:
     ) -> httpx.Response:
         attempts = ATTEMPTS if method in IDEMPOTENT else 1
         with self._io:
-            for attempt in range(attempts):
-                try:
-                    return self._client.request(method, url, headers=self._auth(headers), content=content)
-                except httpx.TransportError as exc:
-                    # The connection broke before an answer: XrdHttp closed the kept-alive connection,
-                    # left it unanswered, or failed its TLS record (`bad record mac`, seen under load).
-                    # A request that changes nothing if done twice goes again, on a new connection.
-                    if not _try_again(exc, attempt, attempts):
-                        raise StorageError(f"{method} {what}: {exc}") from exc
-                    log.warning("%s %s: %s; trying again on a new connection", method, what, exc)
-                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
-                except httpx.HTTPError as exc:
-                    raise StorageError(f"{method} {what}: {exc}") from exc
+            return self._retrying(
+                f"{method} {what}",
+                attempts,
+                lambda: self._client.request(method, url, headers=self._auth(headers), content=content),
+            )
+
+    @staticmethod
+    def _retrying(what: str, attempts: int, call: Callable[[], T]) -> T:
+        """`call()`, sent again (up to `attempts` tries, see `_try_again`) when the connection broke before
+        an answer: XrdHttp closed the kept-alive connection, left it unanswered, or failed its TLS record
+        (`bad record mac`, seen under load). Only for requests that change nothing if done twice."""
+        for attempt in range(attempts):
+            try:
+                return call()
+            except httpx.TransportError as exc:
+                if not _try_again(exc, attempt, attempts):
+                    raise StorageError(f"{what}: {exc}") from exc
+                log.warning("%s: %s; trying again on a new connection", what, exc)
+                time.sleep(RETRY_PAUSE_S * (attempt + 1))
+            except httpx.HTTPError as exc:
+                raise StorageError(f"{what}: {exc}") from exc
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -206,21 +215,15 @@ class XRootDStorage:
     def download(self, key: str, dest: Path) -> Digest:
         """Copy the file to `dest`, hashing it; the bytes must match the server's own adler32."""
         with self._io, dest.open("xb") as fh:
-            for attempt in range(ATTEMPTS):
+
+            def from_the_start() -> Digest:  # a try again rewrites the file
                 d = StreamingDigest()
                 fh.seek(0)
                 fh.truncate()
-                try:
-                    self._get_into(key, fh, d)
-                    break
-                except httpx.TransportError as exc:  # as in _request: a GET may go again
-                    if not _try_again(exc, attempt, ATTEMPTS):
-                        raise StorageError(f"GET {key}: {exc}") from exc
-                    log.warning("GET %s: %s; trying again on a new connection", key, exc)
-                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
-                except httpx.HTTPError as exc:
-                    raise StorageError(f"GET {key}: {exc}") from exc
-        got = d.digest()
+                self._get_into(key, fh, d)
+                return d.digest()
+
+            got = self._retrying(f"GET {key}", ATTEMPTS, from_the_start)
         server = self.checksum(key)
         if server != (got.size, got.adler32):
             raise DigestMismatch(
