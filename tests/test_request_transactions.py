@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import anyio.to_thread
 from sqlalchemy import select, update
 
+from airlock.api.app import THREADS
 from airlock.context import Gateway
 from airlock.db import schema
 from airlock.db.engine import hot_begin, hot_read, is_sqlite, run_read, run_write, utcnow
@@ -64,3 +66,36 @@ def test_on_postgresql_a_request_waiting_on_a_row_lock_holds_up_no_other(gw: Gat
         assert await run_read(gw.engine, names) == ["a2", "b2"]
 
     asyncio.run(main())
+
+
+def test_on_postgresql_busy_default_threads_hold_up_no_request_transaction(gw: Gateway) -> None:
+    """Password hashing, certificate checks and file responses run in anyio's default thread pool; a
+    burst of them (a wave of logins) must not queue the hot requests' transactions behind them."""
+    if is_sqlite(gw.engine):  # they run on the event loop there
+        return
+    release = threading.Event()
+
+    def count() -> int:
+        with hot_read(gw.engine) as conn:
+            return len(conn.execute(select(schema.volunteers.c.id)).all())
+
+    def touch() -> int:
+        with hot_begin(gw.engine) as conn:
+            return conn.execute(update(schema.volunteers).values(state="active")).rowcount
+
+    async def main() -> tuple[int, int]:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = THREADS  # as the app's lifespan sets it
+        busy = [asyncio.create_task(anyio.to_thread.run_sync(release.wait, 30)) for _ in range(THREADS)]
+        try:
+            await asyncio.sleep(0.2)
+            assert limiter.borrowed_tokens == limiter.total_tokens  # every default thread is taken
+            return (
+                await asyncio.wait_for(run_read(gw.engine, count), 10),
+                await asyncio.wait_for(run_write(gw.engine, touch), 10),
+            )
+        finally:
+            release.set()
+            await asyncio.gather(*busy)
+
+    assert asyncio.run(main()) == (0, 0)

@@ -358,6 +358,24 @@ def writer_turn(engine: Engine, *, group: bool = False) -> contextlib.AbstractAs
     return gate.turn(_group_opener(engine) if group else None)
 
 
+HOT_THREADS = 8  # PostgreSQL: hot transactions in worker threads at once, beside the default limiter's
+_hot_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hot_limiter() -> anyio.CapacityLimiter:
+    """The running loop's limiter for hot transactions in threads (PostgreSQL). Their own, not anyio's
+    default one: that is shared with password hashing (logins, registrations), certificate checks and
+    file responses, and a burst of logins holding all of its tokens for tens of milliseconds each would
+    queue every work request and report behind them."""
+    loop = asyncio.get_running_loop()
+    limiter = _hot_limiters.get(loop)
+    if limiter is None:
+        limiter = _hot_limiters[loop] = anyio.CapacityLimiter(HOT_THREADS)
+    return limiter
+
+
 async def run_write(engine: Engine, work: Callable[[], T]) -> T:
     """Run `work`, a request's one short write transaction (`hot_begin`), where it costs least.
 
@@ -366,9 +384,10 @@ async def run_write(engine: Engine, work: Callable[[], T]) -> T:
     There each statement is a round trip to the server and each commit waits for the server's WAL
     flush; run on the event loop, every request would wait for all the others' (measured: 60 full
     cycles a second, the loop idle in the driver's wait), while in threads they overlap, and the server
-    flushes concurrent commits together."""
+    flushes concurrent commits together. The threads are bounded by a limiter of their own
+    (`HOT_THREADS`), so slow work in the default thread pool never holds up a request's transaction."""
     if writer_gate(engine) is None:
-        return await anyio.to_thread.run_sync(work)
+        return await anyio.to_thread.run_sync(work, limiter=_hot_limiter())
     async with writer_turn(engine, group=True):
         return work()
 
@@ -377,7 +396,7 @@ async def run_read(engine: Engine, work: Callable[[], T]) -> T:
     """Run `work`, a request's short read (`hot_read`): on the event loop on SQLite, in a worker thread
     on PostgreSQL (see `run_write`)."""
     if writer_gate(engine) is None:
-        return await anyio.to_thread.run_sync(work)
+        return await anyio.to_thread.run_sync(work, limiter=_hot_limiter())
     return work()
 
 
