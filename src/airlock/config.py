@@ -24,6 +24,12 @@ class Settings(BaseModel):
     bind_host: str = "127.0.0.1"
     bind_port: int = 8080
     workers: int = Field(default=1, ge=1, description="server processes")
+    database_connections: int = Field(
+        default=24,
+        ge=4,
+        description="PostgreSQL: connections one gateway process opens at most (its pool); `serve` refuses "
+        "to start when all its processes could open more than the server admits",
+    )
     operator_token: str | None = Field(default=None, description="bearer token of the operator API")
     open_registration: bool = False
     issuer: str | None = Field(default=None, description="token issuer; public_url if unset")

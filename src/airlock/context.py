@@ -38,7 +38,7 @@ class Gateway:
             raise RuntimeError(f"no signing key in {settings.keys_dir}: run `airlock init` first")
         local = LocalStorage(settings.storage_dir)
         issuer = TokenIssuer(settings.token_issuer, keys, keys_dir=settings.keys_dir)
-        engine = make_engine(settings.db_url)
+        engine = make_engine(settings.db_url, connections=settings.database_connections)
         bridge: Storage = local if settings.bridge == "local" else open_xrootd(settings, issuer)
         # A quarantined file is as durable as the row that accepts it, no more: SQLite in WAL mode
         # with synchronous=NORMAL survives a process crash but may lose its last commits in a power cut,

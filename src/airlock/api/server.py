@@ -13,6 +13,7 @@ from airlock.api.hot import HotRoutes
 from airlock.api.tls import https_options
 from airlock.config import Settings, load_settings
 from airlock.context import Gateway
+from airlock.db.budget import check_connection_budget
 from airlock.db.migrate import upgrade
 from airlock.service import BackgroundLoops, LoopsProcess
 
@@ -33,6 +34,8 @@ def create_from_env() -> HotRoutes:
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     gw = Gateway.open(settings)
     upgrade(gw.engine)
+    # PostgreSQL: refuse to start if the processes' pools together could exceed the server's limit
+    check_connection_budget(gw.engine, workers=settings.workers, per_process=settings.database_connections)
     common = {
         "host": settings.bind_host,
         "port": settings.bind_port,

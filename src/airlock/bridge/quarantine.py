@@ -23,7 +23,7 @@ from airlock.core.states import FileState, VolunteerState
 from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
-from airlock.db.engine import hot_begin, hot_read, run_read, run_write, utcnow
+from airlock.db.engine import hot_begin, hot_read, run_read, run_write, utcnow, writer_gate
 from airlock.db.fast import Fast, bound
 from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event
@@ -226,8 +226,10 @@ async def receive_upload(
 
     # A local quarantine on SQLite publishes with a link(2) and no fsync (see `Gateway.open`): cheaper
     # on the event loop than a hand-off to a thread and back. A publish that fsyncs or goes over the
-    # network (XRootD) blocks: in a worker thread.
-    created = await (run_in_threadpool(_publish) if pending.blocking else run_write(engine, _publish))
+    # network (XRootD) blocks: in a worker thread. On PostgreSQL `run_write` runs it in one anyway, with
+    # the other requests' transactions (one limiter, so their threads keep their connections).
+    blocks_the_loop = pending.blocking and writer_gate(engine) is not None
+    created = await (run_in_threadpool(_publish) if blocks_the_loop else run_write(engine, _publish))
     receipt = UploadAccepted(
         path=f"/{target.key}", size=digest.size, adler32=digest.adler32, sha256=digest.sha256
     )

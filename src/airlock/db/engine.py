@@ -417,7 +417,13 @@ def _group_opener(engine: Engine) -> Opener:
     return open_connection
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+DEFAULT_CONNECTIONS = 24  # PostgreSQL: a process's pool at most (Settings.database_connections)
+FREE_CONNECTIONS = 8  # of them never kept by threads (hot_begin): the default thread pool's worth
+
+
+def make_engine(url: str, *, connections: int = DEFAULT_CONNECTIONS, **kwargs: Any) -> Engine:
+    """The engine of `url`. On PostgreSQL its pool opens `connections` at most (`airlock.db.budget`
+    checks what all the gateway's processes may open together against the server)."""
     if url.startswith("sqlite"):
         database = make_url(url).database or ""
         file_db = database not in ("", ":memory:") and not database.startswith("file:")
@@ -473,7 +479,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True, **kwargs)
+    # No overflow: an overflow connection is closed when it is given back while the pool is over its
+    # size, and with threads keeping connections (hot_begin) that is every other checkout, each a new
+    # server process to fork and authenticate. The pool opens its connections as they are first needed.
+    engine = create_engine(url, pool_size=connections, max_overflow=0, pool_pre_ping=True, **kwargs)
+    _kept_limits[engine] = max(connections - FREE_CONNECTIONS, connections // 2)
+    return engine
 
 
 @contextlib.contextmanager
@@ -489,6 +500,7 @@ def read(engine: Engine) -> Iterator[Connection]:
 
 # ------------------------------------------------------------------------------- pinned connections
 MAX_PINNED_THREADS = 12  # the event loop's, the request thread pool's (api.app.THREADS) and a few more
+_kept_limits: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()  # set by make_engine
 
 
 class _Pins:
@@ -499,23 +511,31 @@ class _Pins:
     def __init__(self, engine: Engine) -> None:
         self.lock = threading.Lock()
         self.conns: dict[tuple[int, bool], Connection] = {}
+        # Kept connections are checked out of the pool for good: `make_engine` leaves part of the pool
+        # to transactions that get none (a thread past the places, a nested call, the cold routes).
+        self.limit = _kept_limits.get(engine, 2 * MAX_PINNED_THREADS)
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
 
     def take(self, engine: Engine, read_only: bool) -> Connection | None:
+        # One for reads and one for writes: SQLite begins them differently (see `make_engine`), and on
+        # PostgreSQL one connection serving both cost its server process a quarter more CPU a cycle.
         key = (threading.get_ident(), read_only)
         conn = self.conns.get(key)
         if conn is not None and not conn.closed and not conn.invalidated:
             return None if conn.in_transaction() else conn  # in use (a nested call): not pinned
         with self.lock:
-            if conn is None and len({t for t, _ in self.conns}) >= MAX_PINNED_THREADS:
+            if conn is None and self._full():
                 self._forget_ended_threads()
-                if len({t for t, _ in self.conns}) >= MAX_PINNED_THREADS:
+                if self._full():
                     return None
             conn = engine.connect()
-            if read_only:
+            if key[1]:
                 conn.execution_options(**{READ_ONLY: True})
             self.conns[key] = conn
         return conn
+
+    def _full(self) -> bool:
+        return len(self.conns) >= self.limit or len({t for t, _ in self.conns}) >= MAX_PINNED_THREADS
 
     def _forget_ended_threads(self) -> None:
         """Close the kept connections of threads that have ended (called with the lock held). One in a
