@@ -104,6 +104,33 @@ def test_an_upload_cancelled_while_its_file_is_opened_leaves_no_file_open(
     assert _everything(storage.root) == []
 
 
+@pytest.mark.parametrize("fsync", [True, False])
+def test_an_uploads_file_is_opened_in_a_thread_only_when_that_may_wait_on_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    """With fsync a new folder is synced in its parent before the file goes in: that may wait on the
+    disk, so not on the event loop. Without, handing two inode allocations to a thread costs the loop
+    more than it saves (the thread takes the GIL from it): they are made on the loop."""
+    storage = LocalStorage(tmp_path / "root", fsync=fsync)
+    opened_on: list[int] = []
+    real = storage._pending_file
+
+    def record(key: str, final: Path) -> tuple[int, Path | None]:
+        opened_on.append(threading.get_ident())
+        return real(key, final)
+
+    monkeypatch.setattr(storage, "_pending_file", record)
+
+    async def main() -> int:
+        pending = await storage.receive("quarantine/1/2/out.txt", _chunks(b"data\n"), max_size=10)
+        pending.publish()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert (opened_on[0] != loop_thread) is fsync
+    assert (storage.root / "quarantine/1/2/out.txt").read_bytes() == b"data\n"
+
+
 def _record_folder_syncs(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[tuple[str, list[str]]]:
     """Each folder fsync as (folder, what was in it then), relative to `root`."""
     synced: list[tuple[str, list[str]]] = []
