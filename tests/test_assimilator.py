@@ -88,9 +88,12 @@ def test_assimilator_killed_at_any_point_finishes_once_on_restart(api: Api, cras
     assert api.count(f, f.c.kind == "output", f.c.state == "quarantined") == 0
 
 
-def test_a_pass_takes_the_writer_turn_once_a_batch_and_records_every_deletion(api: Api) -> None:
+def test_a_pass_takes_the_writer_turn_once_a_batch_and_records_every_deletion(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a busy gateway each wait for the writer turn costs the assimilator more than a batch's work,
     so a batch's deletions are recorded by the next batch's transaction (the last by one of its own)."""
+    monkeypatch.setattr(assimilate, "BATCH", 10)  # smaller batches, the same logic: a quicker test
     n = assimilate.BATCH + 3  # two batches
     api.submit(*[job(f"j{i}") for i in range(n)])
     v = api.volunteer(cores=64)
