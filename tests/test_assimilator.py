@@ -18,7 +18,12 @@ from airlock.validator.validate import validate_pending
 
 from .helpers import Api, job
 
-CRASH_POINTS = ["assimilate.after_copy", "assimilate.before_commit", "assimilate.after_commit"]
+CRASH_POINTS = [
+    "assimilate.after_copy",
+    "assimilate.after_syncs",
+    "assimilate.before_commit",
+    "assimilate.after_commit",
+]
 
 
 def _worker_once(api: Api, crash_at: str | None) -> subprocess.CompletedProcess[str]:

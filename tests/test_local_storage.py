@@ -5,6 +5,7 @@ nothing behind when the upload fails."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from airlock.core.checksums import digest_bytes
 from airlock.core.errors import TooLarge
 from airlock.storage import local
-from airlock.storage.base import STAGING, AlreadyExists
+from airlock.storage.base import STAGING, AlreadyExists, DeferredSyncs
 from airlock.storage.local import LocalStorage
 
 
@@ -169,6 +170,44 @@ def test_a_folder_made_for_a_file_is_synced_in_its_parent_before_the_file_goes_i
     synced.clear()  # a second output into the task's existing folder: only that folder
     asyncio.run(storage.receive("quarantine/7/8/log.txt", _chunks(b"log\n"), max_size=100)).publish()
     assert synced == [("quarantine/7/8", ["quarantine/7/8/log.txt", "quarantine/7/8/out.txt"])]
+
+
+def test_a_batch_of_copies_syncs_nothing_until_flushed_then_each_file_and_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The assimilator's batches: each copy adds what it must sync to the batch's DeferredSyncs, and
+    `flush` syncs it all, every folder once, however many jobs' folders went into it."""
+    storage = LocalStorage(tmp_path / "root", fsync=True)
+    src = {}
+    for i in range(3):
+        src[i] = storage.root / f"quarantine/7/{i}/out.txt"
+        src[i].parent.mkdir(parents=True)
+        src[i].write_bytes(b"data %d\n" % i)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).relative_to(storage.root).as_posix())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    syncs = DeferredSyncs()
+    for i in range(3):
+        storage.copy_in(f"trusted/3/{i}/out.txt", src[i], digest_bytes(b"data %d\n" % i), syncs=syncs)
+    assert synced == []  # nothing until the batch is flushed
+    syncs.flush()
+    files = [f"trusted/3/{i}/out.txt" for i in range(3)]
+    folders = [".", "trusted", "trusted/3", *(f"trusted/3/{i}" for i in range(3))]
+    assert sorted(synced) == sorted(files + folders)  # each once: trusted/3 not three times
+    assert synced[:3] == files  # the files' data first, then the names
+    synced.clear()
+    syncs.flush()
+    assert synced == []  # flushed means forgotten
+
+    # a copy found already made (the batch died before its flush) is made durable all the same
+    storage.copy_in("trusted/3/1/out.txt", src[1], digest_bytes(b"data 1\n"), syncs=syncs)
+    syncs.flush()
+    assert sorted(synced) == sorted(["trusted/3/1/out.txt", ".", "trusted", "trusted/3", "trusted/3/1"])
 
 
 def test_without_fsync_folders_are_made_and_nothing_is_synced(

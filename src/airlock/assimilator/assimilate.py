@@ -2,7 +2,8 @@
 
 Exactly-once in effect, whatever the point at which the process dies:
 1. copy each output to `trusted/<batch>/<job>/<name>` (to a temporary name, verified, then published;
-   a file already there with the same checksums counts as copied, a different one is an error);
+   a file already there with the same checksums counts as copied, a different one is an error), then
+   fsync what the batch's copies made, each file and folder once;
 2. in ONE transaction: record the trusted files with their provenance and move the job to done;
 3. delete the quarantined copies (the janitor does it if we die first); the next batch's transaction
    records them as deleted.
@@ -29,7 +30,7 @@ from airlock.db.engine import read, utcnow
 from airlock.db.schema import file_kind
 from airlock.db.transitions import transition
 from airlock.scheduler.replication import finish_values, revoke_result
-from airlock.storage.base import DigestMismatch, Storage
+from airlock.storage.base import DeferredSyncs, DigestMismatch, Storage
 from airlock.storage.xrootd import XRootDStorage
 
 log = logging.getLogger("airlock.assimilator")
@@ -78,10 +79,13 @@ def _assimilate_batch(
         ):
             outputs.setdefault(out.task_id, []).append(out)
 
+    syncs = DeferredSyncs()  # the batch's fsyncs, each file and folder once, before the transaction
+
     def copy(job: Any) -> tuple[Any, Any, list[tuple[Any, str]] | None]:
         task = tasks[job.canonical_task_id]
         try:
-            return job, task, _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []))
+            copied = _copy_outputs(engine, quarantine, trusted, job, task, outputs.get(task.id, []), syncs)
+            return job, task, copied
         except Exception:  # e.g. storage unreachable: this job waits for the next pass, the others go on
             log.exception("assimilating job %s failed; will retry", job.id)
             return job, task, None
@@ -89,6 +93,8 @@ def _assimilate_batch(
     ready = [(job, task, copied) for job, task, copied in _IO.map(copy, jobs) if copied is not None]
     if not ready:
         return 0, removed
+    syncs.flush()  # raises if the disk failed: nothing is recorded, the next pass redoes the batch
+    crash_point("assimilate.after_syncs")
 
     now = utcnow()
     finished: list[tuple[Any, str]] = []
@@ -148,7 +154,13 @@ def _assimilate_batch(
 
 
 def _copy_outputs(
-    engine: Engine, quarantine: Storage, trusted: Storage, job: Any, task: Any, outputs: list[Any]
+    engine: Engine,
+    quarantine: Storage,
+    trusted: Storage,
+    job: Any,
+    task: Any,
+    outputs: list[Any],
+    syncs: DeferredSyncs | None = None,
 ) -> list[tuple[Any, str]] | None:
     """Step 1 for one job; None (and the result revoked) if a quarantined file changed after validation."""
     copied: list[tuple[Any, str]] = []
@@ -156,7 +168,7 @@ def _copy_outputs(
         key = trusted_key(job.batch_id, job.id, out.name)
         try:
             _copy_to_trusted(
-                quarantine, trusted, out.location, key, Digest(out.size, out.adler32, out.sha256)
+                quarantine, trusted, out.location, key, Digest(out.size, out.adler32, out.sha256), syncs
             )
         except (DigestMismatch, FileNotFoundError) as exc:
             # The quarantined copy changed or vanished after validation: never assimilate it.
@@ -171,12 +183,18 @@ def _copy_outputs(
 
 
 def _copy_to_trusted(
-    quarantine: Storage, trusted: Storage, location: str, key: str, expected: Digest
+    quarantine: Storage,
+    trusted: Storage,
+    location: str,
+    key: str,
+    expected: Digest,
+    syncs: DeferredSyncs | None = None,
 ) -> None:
-    """Copy, verify, publish; idempotent (an identical file already at `key` counts as copied)."""
+    """Copy, verify, publish; idempotent (an identical file already at `key` counts as copied). With
+    `syncs`, durable only once the caller flushes them."""
     src = quarantine.local_path(location)
     if src is not None:
-        trusted.copy_in(key, src, expected)
+        trusted.copy_in(key, src, expected, syncs=syncs)
     elif isinstance(quarantine, XRootDStorage) and isinstance(trusted, XRootDStorage):
         trusted.copy_from(quarantine, location, key, expected)  # with the gateway's own storage token
     else:

@@ -7,6 +7,8 @@ finds the leftovers of writes that died half-way by listing that one folder, nev
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +27,48 @@ def staging_key(key: str) -> str:
     name = rest.rsplit("/", 1)[-1] if rest else area
     folder = f"{area}/{STAGING}" if rest else STAGING
     return f"{folder}/{name}{PARTIAL}{uuid.uuid4().hex}"
+
+
+class DeferredSyncs:
+    """The fsyncs that a batch of `copy_in` calls leaves to its end: each file and folder once, done by
+    `flush()`, which the caller runs before anything records the copies (the assimilator, before the
+    transaction that marks its batch's jobs done). A hundred jobs' folders then cost one sync of their
+    batch's folder, not a hundred, and the filesystem's journal commits once for many of the others.
+    Storages whose writes are durable when they return (XRootD) add nothing. Thread-safe: a batch's
+    copies run in several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: set[Path] = set()
+        self._folders: set[Path] = set()
+
+    def file(self, path: Path) -> None:
+        with self._lock:
+            self._files.add(path)
+
+    def folder(self, path: Path) -> None:
+        with self._lock:
+            self._folders.add(path)
+
+    def __len__(self) -> int:
+        return len(self._files) + len(self._folders)
+
+    def flush(self) -> None:
+        """fsync every file, then every folder; raises on the first failure (the batch is not durable).
+        One after the other: in 4 threads the same syncs took a tenth less time and a third more CPU."""
+        with self._lock:
+            files, folders = sorted(self._files), sorted(self._folders)
+            self._files, self._folders = set(), set()
+        for path in [*files, *folders]:
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StorageError(Exception):
@@ -60,9 +104,10 @@ class Storage(Protocol):
         is left under `key`."""
         ...
 
-    def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
+    def copy_in(self, key: str, src: Path, expected: Digest, *, syncs: DeferredSyncs | None = None) -> Digest:
         """Copy a local file to `key`, verifying `expected`. Idempotent: if `key` already holds a file
-        with the same digest, does nothing; a different one raises AlreadyExists."""
+        with the same digest, does nothing more than make it durable; a different one raises
+        AlreadyExists. With `syncs`, what must be fsynced is added to it instead (see DeferredSyncs)."""
         ...
 
     def stat(self, key: str) -> Digest | None:

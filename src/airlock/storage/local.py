@@ -13,7 +13,15 @@ from typing import BinaryIO
 
 from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file, digest_stream
 from airlock.core.errors import TooLarge
-from airlock.storage.base import PARTIAL, STAGING, AlreadyExists, DigestMismatch, StorageError, staging_key
+from airlock.storage.base import (
+    PARTIAL,
+    STAGING,
+    AlreadyExists,
+    DeferredSyncs,
+    DigestMismatch,
+    StorageError,
+    staging_key,
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,11 +126,12 @@ class LocalStorage:
             raise StorageError(f"invalid storage key {key!r}")
         return self.root.joinpath(*pure.parts)
 
-    def _make_folder(self, folder: Path) -> None:
+    def _make_folder(self, folder: Path, syncs: DeferredSyncs | None = None) -> None:
         """Make `folder` and any missing folders above it, up to the root. With fsync, each new folder's
-        name is synced in its parent before anything goes in it: fsyncing a file and its own folder does
-        not make a folder made for it survive a power cut (POSIX; ext4 happens to, other filesystems
-        need it). A folder found already there was synced by whoever made it."""
+        name is synced in its parent before anything goes in it (or, with `syncs`, before the batch is
+        recorded): fsyncing a file and its own folder does not make a folder made for it survive a power
+        cut (POSIX; ext4 happens to, other filesystems need it). A folder found already there was synced
+        by whoever made it."""
         if folder == self.root:
             return
         try:
@@ -130,13 +139,33 @@ class LocalStorage:
         except FileExistsError:
             return
         except FileNotFoundError:
-            self._make_folder(folder.parent)
+            self._make_folder(folder.parent, syncs)
             try:
                 folder.mkdir()
             except FileExistsError:
                 return
-        if self.fsync:
-            _fsync_dir(folder.parent)
+        self._sync_folder(folder.parent, syncs)
+
+    def _sync_file_and_folders(self, final: Path, syncs: DeferredSyncs | None) -> None:
+        """fsync (or add to `syncs`) a file and every folder from its own up to the root."""
+        batch = syncs if syncs is not None else DeferredSyncs()
+        batch.file(final)
+        folder = final.parent
+        while True:
+            batch.folder(folder)
+            if folder == self.root:
+                break
+            folder = folder.parent
+        if syncs is None:
+            batch.flush()
+
+    def _sync_folder(self, folder: Path, syncs: DeferredSyncs | None) -> None:
+        if not self.fsync:
+            return
+        if syncs is None:
+            _fsync_dir(folder)
+        else:
+            syncs.folder(folder)
 
     def _temp_for(self, key: str) -> Path:
         """A temporary name for a write to `key`, in its area's staging folder (made if need be): on the
@@ -194,16 +223,18 @@ class LocalStorage:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         return fd, tmp
 
-    def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
+    def copy_in(self, key: str, src: Path, expected: Digest, *, syncs: DeferredSyncs | None = None) -> Digest:
         final = self.path(key)
         if final.exists():
             have = digest_file(final)
-            if have == expected:
-                return have
-            raise AlreadyExists(f"{key} exists with different content")
-        self._make_folder(final.parent)
+            if have != expected:
+                raise AlreadyExists(f"{key} exists with different content")
+            if self.fsync:  # a copy made before a crash may have died before its syncs: sync it all
+                self._sync_file_and_folders(final, syncs)
+            return have
+        self._make_folder(final.parent, syncs)
         if src.stat().st_dev == self._device:
-            return self._link_in(final, src, expected)
+            return self._link_in(final, src, expected, syncs)
         tmp = self._temp_for(key)
         digest = StreamingDigest()
         try:
@@ -226,7 +257,7 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _link_in(self, final: Path, src: Path, expected: Digest) -> Digest:
+    def _link_in(self, final: Path, src: Path, expected: Digest, syncs: DeferredSyncs | None) -> Digest:
         """`copy_in` within one filesystem (a local quarantine and local trusted storage): the verified
         file gets a second name rather than a second copy. Nothing writes to a file once it is under
         its name (the bridge only creates), so the bytes checked here are the bytes linked."""
@@ -234,7 +265,7 @@ class LocalStorage:
             got = digest_stream(fin)
             if got != expected:
                 raise DigestMismatch(f"{src} does not match its recorded checksums")
-            if self.fsync:  # the quarantine may not have synced it (see Gateway.open)
+            if self.fsync and syncs is None:  # the quarantine may not have synced it (see Gateway.open)
                 os.fsync(fin.fileno())
         try:
             os.link(src, final)
@@ -242,8 +273,9 @@ class LocalStorage:
             if digest_file(final) != expected:
                 raise AlreadyExists(f"{final.name} exists with different content") from None
             return got
-        if self.fsync:
-            _fsync_dir(final.parent)
+        if self.fsync and syncs is not None:
+            syncs.file(final)  # the same file as `src`, under the name it keeps
+        self._sync_folder(final.parent, syncs)
         return got
 
     def stat(self, key: str) -> Digest | None:

@@ -35,7 +35,15 @@ from airlock.config import Settings
 from airlock.core.checksums import CHUNK, Digest, StreamingDigest, digest_file
 from airlock.core.errors import TooLarge
 from airlock.credentials.tokens import ALGORITHM, WLCG_VERSION, TokenIssuer
-from airlock.storage.base import PARTIAL, STAGING, AlreadyExists, DigestMismatch, StorageError, staging_key
+from airlock.storage.base import (
+    PARTIAL,
+    STAGING,
+    AlreadyExists,
+    DeferredSyncs,
+    DigestMismatch,
+    StorageError,
+    staging_key,
+)
 
 log = logging.getLogger("airlock.storage")
 GATEWAY_SUBJECT = "airlock-gateway"
@@ -293,8 +301,8 @@ class XRootDStorage:
             raise
         return PendingUpload(self, key, spool, d.digest())
 
-    def copy_in(self, key: str, src: Path, expected: Digest) -> Digest:
-        return self.put_new(key, src, expected)
+    def copy_in(self, key: str, src: Path, expected: Digest, *, syncs: DeferredSyncs | None = None) -> Digest:
+        return self.put_new(key, src, expected)  # durable once the server has answered: nothing to defer
 
     def copy_from(self, source: XRootDStorage, src_key: str, key: str, expected: Digest) -> Digest:
         """Copy a file of `source` (maybe this same server) to `key`, verified against `expected`.
