@@ -60,10 +60,11 @@ class DeferredSyncs:
             files, folders = sorted(self._files), sorted(self._folders)
             self._files, self._folders = set(), set()
         for path in [*files, *folders]:
-            _fsync(path)
+            fsync_path(path)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
