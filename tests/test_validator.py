@@ -518,10 +518,10 @@ def test_a_storage_failure_on_one_job_holds_back_only_that_job(
     assert validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings) == 3
     real_copy = assimilate._copy_to_trusted
 
-    def copy(quarantine: Any, trusted: Any, location: str, key: str, expected: Any) -> None:
+    def copy(q: Any, trusted: Any, location: str, key: str, expected: Any, syncs: Any = None) -> None:
         if key.split("/")[2] == str(ids[1]):  # trusted/<batch>/<job>/<name>
             raise StorageError("storage unreachable")
-        real_copy(quarantine, trusted, location, key, expected)
+        real_copy(q, trusted, location, key, expected, syncs)
 
     monkeypatch.setattr(assimilate, "_copy_to_trusted", copy)
     assert assimilate.assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 2
