@@ -529,7 +529,7 @@ class _Pins:
                 if self._full():
                     return None
             conn = engine.connect()
-            if key[1]:
+            if read_only:
                 conn.execution_options(**{READ_ONLY: True})
             self.conns[key] = conn
         return conn

@@ -50,9 +50,6 @@ class DeferredSyncs:
         with self._lock:
             self._folders.add(path)
 
-    def __len__(self) -> int:
-        return len(self._files) + len(self._folders)
-
     def flush(self) -> None:
         """fsync every file, then every folder; raises on the first failure (the batch is not durable).
         One after the other: in 4 threads the same syncs took a tenth less time and a third more CPU."""

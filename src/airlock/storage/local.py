@@ -51,17 +51,17 @@ def _link_anonymous(fd: int, final: Path) -> None:
         os.close(proc)
 
 
-def _abandon(opening: asyncio.Future[tuple[int, Path | None]]) -> None:
-    """Close a pending file whose upload was cancelled while it was being opened."""
-    if not opening.cancelled() and opening.exception() is None:
-        _close_pending(*opening.result())
-
-
 def _close_pending(fd: int, tmp: Path | None) -> None:
     """Close a pending file that will not be published, and remove its hidden name if it has one."""
     os.close(fd)
     if tmp is not None:
         tmp.unlink(missing_ok=True)
+
+
+def _abandon(opening: asyncio.Future[tuple[int, Path | None]]) -> None:
+    """Close a pending file whose upload was cancelled while it was being opened."""
+    if not opening.cancelled() and opening.exception() is None:
+        _close_pending(*opening.result())
 
 
 class PendingFile:
