@@ -1,6 +1,7 @@
 """Group commit on SQLite: hot write transactions that one event loop runs together share one COMMIT,
-each block leaves only once its work is committed, a failing block is rolled back alone, and a failed
-commit fails every block of the group (and a kept connection whose COMMIT failed is not used again)."""
+each caller learns its result only once its work is committed, a failing one is rolled back alone, a
+failed commit fails every member of the group (and a kept connection whose COMMIT failed is not used
+again), and a group's functions run back to back, holding the writer turn for their writes alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import IntegrityError
 
-from airlock.db.engine import hot_begin, make_engine, writer_gate, writer_turn
+from airlock.db.engine import hot_begin, make_engine, run_write, writer_gate, writer_turn
 from airlock.db.group_commit import NestedWriteError
 
 
@@ -64,8 +65,7 @@ def test_blocks_asked_together_share_one_commit_and_leave_only_after_it(engine: 
     visible_on_leaving: dict[int, bool] = {}
 
     async def block(n: int) -> None:
-        async with writer_turn(engine, group=True):
-            insert(engine, n)
+        await run_write(engine, lambda: insert(engine, n))
         visible_on_leaving[n] = n in committed_rows(engine)
 
     async def main() -> None:
@@ -85,12 +85,14 @@ def grouped_outcomes(
     of the exception it raised."""
     outcome: dict[int, str] = {}
 
+    def work(n: int) -> None:
+        with hot_begin(engine) as conn:
+            conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
+            then(conn, n)
+
     async def block(n: int) -> None:
         try:
-            async with writer_turn(engine, group=True):
-                with hot_begin(engine) as conn:
-                    conn.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n})
-                    then(conn, n)
+            await run_write(engine, lambda: work(n))
         except Exception as exc:
             outcome[n] = type(exc).__name__
         else:
@@ -126,32 +128,35 @@ def test_a_failed_commit_fails_every_block_of_the_group_and_the_next_group_goes_
     assert committed_rows(engine, "child", "id") == []
 
 
-def test_a_write_of_its_own_on_the_loop_commits_the_open_group_first(engine: Engine) -> None:
-    """A route that writes with `engine.begin()` on the loop thread while a group holds the turn must
-    neither wait for the group (it cannot finish while the loop is blocked) nor write into it."""
-    seen = commits(engine)
-    rows_seen_by_own: list[int] = []
+def test_a_groups_functions_run_back_to_back_with_nothing_of_the_loop_between_them(engine: Engine) -> None:
+    """While a group holds the writer turn, the loop serves nothing else: another coroutine that counts
+    the loop's turns sees none go by between the first member's write and the last one's commit."""
+    ticks = 0
+    seen_at: dict[int, int] = {}
+    running = True
 
-    async def grouped(n: int) -> None:
-        async with writer_turn(engine, group=True):
-            insert(engine, n)
-
-    async def own() -> None:
-        gate = writer_gate(engine)
-        assert gate is not None
-        while gate.active is None:  # until the group holds the turn, its members running their blocks
+    async def ticker() -> None:
+        nonlocal ticks
+        while running:
+            ticks += 1
             await asyncio.sleep(0)
-        with engine.begin() as conn:
-            rows_seen_by_own.extend(committed_rows(engine))
-            conn.execute(text("INSERT INTO t (n) VALUES (2)"))
+
+    def work(n: int) -> None:
+        insert(engine, n)
+        seen_at[n] = ticks
 
     async def main() -> None:
-        await asyncio.gather(grouped(1), grouped(3), own())
+        nonlocal running
+        tick = asyncio.create_task(ticker())
+        await asyncio.gather(*(run_write(engine, lambda n=n: work(n)) for n in range(1, 21)))
+        running = False
+        await tick
 
+    seen = commits(engine)
     asyncio.run(main())
-    assert 1 in rows_seen_by_own  # the group was committed first
-    assert committed_rows(engine) == [1, 2, 3]
-    assert 2 <= len(seen) <= 3  # the group (its member maybe in a group of its own), then own
+    assert committed_rows(engine) == list(range(1, 21))
+    assert len(seen) == 1, f"20 writes handed in together, {len(seen)} commits"
+    assert len(set(seen_at.values())) == 1, f"the loop turned between members: {seen_at}"
 
 
 def test_the_turn_stays_free_while_a_group_gathers(engine: Engine) -> None:
@@ -160,8 +165,7 @@ def test_the_turn_stays_free_while_a_group_gathers(engine: Engine) -> None:
     rows_seen_by_own: list[int] = []
 
     async def grouped(n: int) -> None:
-        async with writer_turn(engine, group=True):
-            insert(engine, n)
+        await run_write(engine, lambda: insert(engine, n))
 
     async def own() -> None:
         await asyncio.sleep(0)  # the group has begun to gather
@@ -179,25 +183,46 @@ def test_the_turn_stays_free_while_a_group_gathers(engine: Engine) -> None:
     assert committed_rows(engine) == [1, 2, 100]
 
 
-def test_a_write_of_its_own_inside_a_member_is_refused_at_once(engine: Engine) -> None:
-    async def block() -> None:
-        async with writer_turn(engine, group=True):
+@pytest.mark.parametrize("inside_hot_begin", [True, False], ids=["in-its-savepoint", "beside-it"])
+def test_a_write_of_its_own_inside_a_member_is_refused_at_once(
+    engine: Engine, inside_hot_begin: bool
+) -> None:
+    """A member's function that begins a transaction of its own (it could only wait for the turn its
+    group holds) fails at once, alone: the group's other members commit."""
+
+    def own_write() -> None:
+        with engine.begin() as other:
+            other.execute(text("INSERT INTO t (n) VALUES (2)"))
+
+    def nested() -> None:
+        if inside_hot_begin:
             with hot_begin(engine) as conn:
                 conn.execute(text("INSERT INTO t (n) VALUES (1)"))
-                with engine.begin() as other:  # would wait for the group's own turn
-                    other.execute(text("INSERT INTO t (n) VALUES (2)"))
+                own_write()
+        else:
+            insert(engine, 1)
+            own_write()
 
-    with pytest.raises(NestedWriteError):
-        asyncio.run(block())
-    assert committed_rows(engine) == []
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            run_write(engine, lambda: insert(engine, 10)),
+            run_write(engine, nested),
+            run_write(engine, lambda: insert(engine, 11)),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], NestedWriteError)
+    # its own savepoint rolled back (in it) or not (beside it: the row went in before the refusal)
+    assert committed_rows(engine) == ([10, 11] if inside_hot_begin else [1, 10, 11])
     insert(engine, 3)  # the turn was given back
-    assert committed_rows(engine) == [3]
+    assert 3 in committed_rows(engine)
 
 
 def test_an_ungrouped_turn_waits_for_the_open_group(engine: Engine) -> None:
     async def grouped(n: int) -> None:
-        async with writer_turn(engine, group=True):
-            insert(engine, n)
+        await run_write(engine, lambda: insert(engine, n))
 
     async def ungrouped() -> None:
         async with writer_turn(engine):

@@ -77,13 +77,11 @@ class WriterGate:
     def begin(self, timeout: float = WRITE_LOCK_TIMEOUT_S) -> None:
         """Take the turn for the calling thread (blocking)."""
         me = threading.get_ident()
-        group = self.active
-        if group is not None and self._state == "held" and self._for == me:
-            if group.depth:  # inside a member's savepoint: committing the group now would split it
-                raise NestedWriteError(
-                    "a write transaction of its own inside a grouped one (write through hot_begin)"
-                )
-            self._finish(group)  # commits: the turn is free again
+        if self.active is not None and self._state == "held" and self._for == me:
+            # a member's function, called by the group's runner on this thread: the turn is the group's
+            raise NestedWriteError(
+                "a write transaction of its own inside a grouped one (write through hot_begin)"
+            )
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -148,86 +146,73 @@ class WriterGate:
         self._flock("reserved", owner, blocking=True)
 
     @contextlib.asynccontextmanager
-    async def turn(self, opener: Opener | None = None) -> AsyncIterator[None]:
+    async def turn(self) -> AsyncIterator[None]:
         """For a coroutine about to write synchronously on the event loop: wait for the turn without
         blocking the loop (in a helper thread, when it is taken), then run the write inside this block.
-        Coroutines of one loop take their turns one after the other. With an `opener` (how to get the
-        connection for a group's transaction), blocks that ask together share one commit instead
-        (`airlock.db.group_commit`); the block is left only once its work is committed."""
+        Coroutines of one loop take their turns one after the other, groups (`grouped`) included."""
         loop = asyncio.get_running_loop()
-        if opener is not None:
-            group = self._groups.get(loop)
-            while group is not None and group.open and group.members < MAX_MEMBERS:
-                if await self._join(group):
-                    token = group.enter()
-                    try:
-                        yield
-                    finally:
-                        group.leave(token)
-                        group.running -= 1
-                    await asyncio.shield(group.committed)
-                    return
-                group = self._groups.get(loop)
-        async with self._lead(loop, opener) as group:
-            token = group.enter() if group is not None else None
+        async with self._queue(loop):
+            await self._reserve(loop)
             try:
                 yield
             finally:
-                if group is not None:
-                    group.leave(token)
-                    try:
-                        await group.collect()
-                    finally:
-                        self._finish(group)
-            if group is not None and group.error is not None:
-                raise group.error
+                self.unreserve()
 
-    async def _join(self, group: CommitGroup) -> bool:
-        """Wait until the group's leader holds the turn; False if the group cannot take this member."""
-        group.members += 1
-        group.running += 1
-        joined = False
+    async def grouped(self, opener: Opener, work: Callable[[], T]) -> T:
+        """Run `work` (a hot write transaction, `hot_begin`) on the event loop's thread in the loop's
+        commit group (`airlock.db.group_commit`), with those handed in close to it: one transaction and
+        one commit for all. Returns once it is committed. `opener` gives a group its connection."""
+        loop = asyncio.get_running_loop()
+        group = self._groups.get(loop)
+        if group is not None and group.open and group.size < MAX_MEMBERS:
+            return await group.add(work)
+        group = self._groups[loop] = CommitGroup(loop, self)
+        result = group.add(work)
+        queue = self._queue(loop)
         try:
-            await asyncio.shield(group.ready)
-            joined = group.in_transaction  # False: committed before this member's turn came: ask again
-        except RuntimeError:  # the leader got no turn: ask again
-            pass
-        finally:
-            if not joined:
-                group.running -= 1
-        return joined
+            await queue.acquire()  # the loop's turns in the order asked (at once when none is queued)
+        except BaseException:  # cancelled: this one's work is not run, the group's runner queues itself
+            result.cancel()
+            group.runner = loop.create_task(self._run_group(loop, group, opener, queued=False))
+            raise
+        group.runner = loop.create_task(self._run_group(loop, group, opener, queued=True))
+        return await result
 
-    @contextlib.asynccontextmanager
-    async def _lead(
-        self, loop: asyncio.AbstractEventLoop, opener: Opener | None
-    ) -> AsyncIterator[CommitGroup | None]:
-        """The turn for one block, or (with an opener) for a group this block leads."""
-        group = CommitGroup(loop, self) if opener is not None else None
-        if group is not None:
-            self._groups[loop] = group
+    async def _run_group(
+        self, loop: asyncio.AbstractEventLoop, group: CommitGroup, opener: Opener, *, queued: bool
+    ) -> None:
+        """A group's runner (its place in the loop's queue taken already, when `queued`): gather members
+        while the turn is still free for others, take the turn, then call them all and commit, with no
+        await in between (the turn is held for the writes alone)."""
+        queue = self._queue(loop)
+        try:
+            if not queued:
+                await queue.acquire()
+            try:
+                await group.gather()
+                await self._reserve(loop)
+                try:
+                    group.close()
+                    self.active = group
+                    group.run(opener)  # begins with the reservation: the transaction holds the turn
+                finally:
+                    self.active = None
+                    self.unreserve()
+            finally:
+                queue.release()
+        except BaseException as exc:
+            group.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._groups.get(loop) is group:
+                del self._groups[loop]
+
+    def _queue(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = asyncio.Lock()
-        try:
-            async with queue:
-                if group is not None:
-                    await group.gather()  # members join while the turn is still free for others
-                await self._reserve(loop)
-                try:
-                    if group is not None and opener is not None:
-                        group.close()
-                        group.begin(opener)  # uses the reservation: the group's transaction holds the turn
-                        self.active = group
-                        group.ready.set_result(None)
-                    yield group
-                finally:
-                    self.unreserve()
-        finally:
-            if group is not None:
-                if not group.ready.done():  # no turn for this group: its members go and ask again
-                    group.ready.set_exception(RuntimeError("the group got no writer turn"))
-                    group.ready.exception()
-                self._finish(group)
+        return queue
 
     async def _reserve(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reserve the turn for the loop's thread, waiting in a helper thread if it is taken."""
@@ -242,15 +227,6 @@ class WriterGate:
         except asyncio.CancelledError:  # the turn may still come: give it back on the loop then
             waiting.add_done_callback(lambda _: loop.call_soon_threadsafe(self.unreserve))
             raise
-
-    def _finish(self, group: CommitGroup) -> None:
-        """Close a group and commit it (at most once)."""
-        for loop, open_group in list(self._groups.items()):
-            if open_group is group:
-                del self._groups[loop]
-        if self.active is group:
-            self.active = None
-        group.finish()
 
     def unreserve(self) -> None:
         """Give back a reservation of the calling thread that no transaction used."""
@@ -347,15 +323,14 @@ def writer_gate(engine: Engine) -> WriterGate | None:
     return _gates.get(engine)
 
 
-def writer_turn(engine: Engine, *, group: bool = False) -> contextlib.AbstractAsyncContextManager[None]:
+def writer_turn(engine: Engine) -> contextlib.AbstractAsyncContextManager[None]:
     """`async with writer_turn(engine):` around a write transaction run on the event loop: on SQLite the
     loop waits for the writer turn without blocking (`WriterGate.turn`); on PostgreSQL it does nothing.
-    With `group=True` the block's `hot_begin` transactions join the loop's commit group
-    (`airlock.db.group_commit`), and the block ends once they are committed."""
+    (A request's hot transaction goes through `run_write` instead, into the loop's commit group.)"""
     gate = writer_gate(engine)
     if gate is None:
         return contextlib.nullcontext()
-    return gate.turn(_group_opener(engine) if group else None)
+    return gate.turn()
 
 
 HOT_THREADS = 8  # PostgreSQL: hot transactions in worker threads at once, beside the default limiter's
@@ -379,17 +354,17 @@ def _hot_limiter() -> anyio.CapacityLimiter:
 async def run_write(engine: Engine, work: Callable[[], T]) -> T:
     """Run `work`, a request's one short write transaction (`hot_begin`), where it costs least.
 
-    On SQLite: on the event loop, in the writer turn and the loop's commit group (`writer_turn`); its
+    On SQLite: on the event loop, in the writer turn and the loop's commit group (`WriterGate.grouped`); its
     statements take microseconds, less than a hand-off to a thread. On PostgreSQL: in a worker thread.
     There each statement is a round trip to the server and each commit waits for the server's WAL
     flush; run on the event loop, every request would wait for all the others' (measured: 60 full
     cycles a second, the loop idle in the driver's wait), while in threads they overlap, and the server
     flushes concurrent commits together. The threads are bounded by a limiter of their own
     (`HOT_THREADS`), so slow work in the default thread pool never holds up a request's transaction."""
-    if writer_gate(engine) is None:
+    gate = writer_gate(engine)
+    if gate is None:
         return await anyio.to_thread.run_sync(work, limiter=_hot_limiter())
-    async with writer_turn(engine, group=True):
-        return work()
+    return await gate.grouped(_group_opener(engine), work)
 
 
 async def run_read(engine: Engine, work: Callable[[], T]) -> T:
