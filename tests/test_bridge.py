@@ -178,6 +178,22 @@ def test_identical_retry_answers_200_without_a_second_row(api: Api) -> None:
     assert task_dir_files(api, v, t) == ["out.txt"]
 
 
+def test_a_file_whose_row_was_lost_is_recorded_by_the_retry(api: Api) -> None:
+    """The file goes under its name before its row is written: a crash in between leaves the file with
+    no row, and the client's retry of the same bytes records it (attributed as the first would have)."""
+    v, t = one_task(api)
+    data = b"published, then the gateway died\n"
+    assert v.upload(t, data).status_code == 201
+    with api.gw.engine.begin() as conn:  # as if the row had never been committed
+        conn.execute(schema.files.delete().where(schema.files.c.task_id == t["task_id"]))
+    assert output_rows(api, t["task_id"]) == []
+    r = v.upload(t, data)
+    assert r.status_code == 200, r.text
+    (row,) = output_rows(api, t["task_id"])
+    assert (row.volunteer_id, row.host_id, row.sha256) == (v.id, v.host_id, digest_bytes(data).sha256)
+    assert task_dir_files(api, v, t) == ["out.txt"]
+
+
 def test_undeclared_name_is_forbidden_and_creates_nothing(api: Api) -> None:
     v, t = one_task(api)
     before_files, before_rows = storage_files(api), api.snapshot()

@@ -8,6 +8,7 @@ adler32 and sha256 are computed; only a complete upload matching its declared di
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -202,7 +203,8 @@ async def receive_upload(
     elapsed = time.monotonic() - started
     rate = digest.size / elapsed if elapsed > 0 and digest.size >= 65536 else None
 
-    def _publish() -> bool:
+    def _link() -> bool:
+        """Put the file under its name; False if the same bytes are there already (a retried upload)."""
         try:
             pending.publish()
         except AlreadyExists:
@@ -213,23 +215,33 @@ async def receive_upload(
                 raise Conflict(
                     f"{name} was already uploaded for task {task_id}; files in quarantine are immutable"
                 ) from None
-            _record()  # the row may be missing if a crash came in between
             return False
-        return _record()
+        return True
 
-    def _record() -> bool:
+    def _record() -> bool:  # the row may be missing on a retry, if a crash came in between
         try:
             with hot_begin(engine) as conn:
                 return record_upload(conn, target, digest, rate)
         except IntegrityError:  # recorded by a concurrent retry of the same upload (PostgreSQL)
             return False
 
-    # A local quarantine on SQLite publishes with a link(2) and no fsync (see `Gateway.open`): cheaper
-    # on the event loop than a hand-off to a thread and back. A publish that fsyncs or goes over the
-    # network (XRootD) blocks: in a worker thread. On PostgreSQL `run_write` runs it in one anyway, with
-    # the other requests' transactions (one limiter, so their threads keep their connections).
-    blocks_the_loop = pending.blocking and writer_gate(engine) is not None
-    created = await (run_in_threadpool(_publish) if blocks_the_loop else run_write(engine, _publish))
+    def _publish() -> bool:
+        fresh = _link()
+        return _record() and fresh
+
+    if not pending.blocking:
+        # A local quarantine on SQLite publishes with a link(2) and no fsync (see `Gateway.open`):
+        # cheaper on the event loop than a hand-off to a thread and back, and done before the writer
+        # turn, which is then held for the row alone. A file under its name whose row is missing is
+        # taken as a retry of the same upload; the row is recorded even if the client goes away.
+        fresh = _link()
+        created = await asyncio.shield(run_write(engine, _record)) and fresh
+    elif writer_gate(engine) is not None:
+        created = await run_in_threadpool(_publish)  # a publish that fsyncs may wait on the disk
+    else:
+        # PostgreSQL: `run_write` runs it in a worker thread, with the other requests' transactions
+        # (one limiter, so their threads keep their connections).
+        created = await run_write(engine, _publish)
     receipt = UploadAccepted(
         path=f"/{target.key}", size=digest.size, adler32=digest.adler32, sha256=digest.sha256
     )
