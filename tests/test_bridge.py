@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from airlock.bridge.quarantine import output_key
 from airlock.core.checksums import digest_bytes, format_digest_header, sha256_to_b64
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
@@ -36,13 +37,17 @@ def data_files(api: Api) -> set[str]:
     return set(files_under(api.gw.settings.data_dir))
 
 
-def task_dir(api: Api, v: Volunteer, task: dict[str, Any]) -> Path:
-    return api.gw.settings.storage_dir / "quarantine" / str(v.id) / str(task["task_id"])
+def stored(api: Api, v: Volunteer, task: dict[str, Any], name: str = "out.txt") -> Path:
+    """Where the gateway keeps a task's output in its quarantine folder."""
+    return api.gw.settings.storage_dir / output_key(v.id, task["task_id"], name)
 
 
 def task_dir_files(api: Api, v: Volunteer, task: dict[str, Any]) -> list[str]:
-    d = task_dir(api, v, task)
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    """The names of the task's files in its volunteer's quarantine folder."""
+    folder = api.gw.settings.storage_dir / "quarantine" / str(v.id)
+    mine = f"{task['task_id']}."
+    names = [p.name for p in folder.iterdir()] if folder.exists() else []
+    return sorted(n.removeprefix(mine) for n in names if n.startswith(mine))
 
 
 def output_rows(api: Api, task_id: int) -> list[Any]:
@@ -97,7 +102,7 @@ def test_upload_creates_the_file_attributed_to_volunteer_and_host(api: Api) -> N
     (row,) = output_rows(api, t["task_id"])
     assert (row.volunteer_id, row.host_id, row.job_id) == (v.id, v.host_id, t["job_id"])
     assert (row.state, row.size, row.sha256) == ("quarantined", len(data), d.sha256)
-    assert (task_dir(api, v, t) / "out.txt").read_bytes() == data
+    assert stored(api, v, t).read_bytes() == data
     assert task_dir_files(api, v, t) == ["out.txt"]  # no temporary leftovers
 
 
@@ -136,7 +141,7 @@ def test_every_method_but_put_is_refused_and_bytes_are_never_returned(api: Api) 
     assert_error(r, 405, "upload-only")
     assert storage_files(api) == before_files
     assert api.snapshot() == before_rows
-    assert (task_dir(api, v, t) / "out.txt").read_bytes() == secret
+    assert stored(api, v, t).read_bytes() == secret
 
 
 def test_overwrite_with_different_bytes_is_a_conflict_and_keeps_the_original(api: Api) -> None:
@@ -144,7 +149,7 @@ def test_overwrite_with_different_bytes_is_a_conflict_and_keeps_the_original(api
     assert v.upload(t, b"original\n").status_code == 201
     before = api.snapshot()
     r = v.upload(t, b"tampered!\n")
-    assert (task_dir(api, v, t) / "out.txt").read_bytes() == b"original\n"
+    assert stored(api, v, t).read_bytes() == b"original\n"
     assert task_dir_files(api, v, t) == ["out.txt"]
     assert api.snapshot() == before
     assert_error(r, 409, "already uploaded", "immutable")
@@ -158,7 +163,7 @@ def test_overwrite_never_changes_the_original_bytes(api: Api) -> None:
     for attempt in (b"tampered!\n", b"", b"original\n" * 3):
         r = v.upload(t, attempt)
         assert 400 <= r.status_code < 600 and r.status_code not in (200, 201), r.text
-    assert (task_dir(api, v, t) / "out.txt").read_bytes() == b"original\n"
+    assert stored(api, v, t).read_bytes() == b"original\n"
     assert task_dir_files(api, v, t) == ["out.txt"]
     assert api.snapshot() == before
     ((row,),) = [output_rows(api, t["task_id"])]
@@ -237,7 +242,7 @@ def test_oversize_by_content_length_is_413_and_stores_nothing(api: Api) -> None:
     r = v.upload(t, b"x" * 1000)  # exactly the maximum is fine
     assert r.status_code == 201, r.text
     after = storage_files(api)
-    assert set(after) - set(before_files) == {f"quarantine/{v.id}/{t['task_id']}/out.txt"}
+    assert set(after) - set(before_files) == {output_key(v.id, t["task_id"], "out.txt")}
     assert api.snapshot()["files"] == before_rows["files"] + 1
 
 
@@ -289,9 +294,9 @@ def test_wrong_checksum_is_422_and_leaves_nothing(api: Api) -> None:
     before_rows = api.snapshot()
     r = v.upload(t, b"the real bytes\n", digest_of=b"some other bytes\n")
     assert_error(r, 422, "differ from the digest header", "nothing was stored")
-    assert not (task_dir(api, v, t) / "out.txt").exists()
+    assert not stored(api, v, t).exists()
     assert task_dir_files(api, v, t) == []  # no hidden partial file either
-    assert not api.gw.quarantine.exists(f"quarantine/{v.id}/{t['task_id']}/out.txt")
+    assert not api.gw.quarantine.exists(output_key(v.id, t["task_id"], "out.txt"))
     assert api.snapshot() == before_rows
     # the right digest afterwards is accepted: the failed attempt did not take the name
     assert v.upload(t, b"the real bytes\n").status_code == 201
@@ -466,7 +471,7 @@ def test_large_upload_streams_and_verifies(api: Api) -> None:
     d = digest_bytes(data)
     assert r.json()["size"] == len(data) == 20 * 2**20
     assert (r.json()["adler32"], r.json()["sha256"]) == (d.adler32, d.sha256)
-    path = task_dir(api, v, t) / "big.bin"
+    path = stored(api, v, t, "big.bin")
     assert path.stat().st_size == len(data)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == d.sha256
     assert task_dir_files(api, v, t) == ["big.bin"]

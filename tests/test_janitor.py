@@ -11,6 +11,7 @@ import pytest
 
 from airlock.assimilator import janitor
 from airlock.assimilator.janitor import sweep_quarantine
+from airlock.bridge.quarantine import output_key
 from airlock.db import schema
 from airlock.storage.base import STAGING
 
@@ -23,7 +24,7 @@ def test_rejected_output_is_kept_for_retention_then_deleted(api: Api) -> None:
     (t,) = v.work()
     v.complete(t, data=b"bad", exit_code=1)  # an error: its upload is a leftover
     api.settle()
-    key = f"quarantine/{v.id}/{t['task_id']}/out.txt"
+    key = output_key(v.id, t["task_id"], "out.txt")
     s = api.gw.settings
     s.quarantine_retention_s = 3600
     assert sweep_quarantine(api.gw.engine, api.gw.quarantine, s) == 0
@@ -43,7 +44,7 @@ def test_output_of_a_running_job_is_never_swept(api: Api) -> None:
     api.settle()  # valid, waiting for the second copy
     api.gw.settings.quarantine_retention_s = 0
     assert sweep_quarantine(api.gw.engine, api.gw.quarantine, api.gw.settings) == 0
-    assert api.gw.quarantine.exists(f"quarantine/{a.id}/{t['task_id']}/out.txt")
+    assert api.gw.quarantine.exists(output_key(a.id, t["task_id"], "out.txt"))
     assert api.job(jid)["state"] == "running"
 
 

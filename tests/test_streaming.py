@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from airlock.bridge.quarantine import output_key
 from airlock.core.checksums import StreamingDigest, format_digest_header
 
 from .helpers import PASSWORD
@@ -67,7 +68,7 @@ def test_256_mb_upload_streams_without_growing_the_gateway(tmp_path: Path) -> No
             after = peak_rss_kb(gw.proc.pid)
         assert r.status_code == 201, r.text
         assert r.json()["size"] == SIZE and r.json()["sha256"] == d.sha256
-        stored = tmp_path / "gw" / "storage" / "quarantine" / "1" / str(task["task_id"]) / "big.bin"
+        stored = tmp_path / "gw" / "storage" / output_key(1, task["task_id"], "big.bin")
         assert stored.stat().st_size == SIZE
         assert (after - before) < 64 * 1024, f"gateway peak RSS grew by {(after - before) // 1024} MB"
     finally:

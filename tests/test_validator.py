@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from airlock.bridge.quarantine import output_key
 from airlock.core.checksums import digest_bytes
 from airlock.db import schema
 
@@ -151,10 +152,10 @@ def test_quarantined_file_changed_on_disk_after_upload_is_invalid(api: Api) -> N
     t1, t2 = v.work(slots=2)
     for t in (t1, t2):
         finish(v, t, {"out.txt": b"honest result\n"})
-    path = api.gw.quarantine.local_path(f"quarantine/{v.id}/{t1['task_id']}/out.txt")
+    path = api.gw.quarantine.local_path(output_key(v.id, t1["task_id"], "out.txt"))
     assert path is not None and path.read_bytes() == b"honest result\n"
     path.write_bytes(b"swapped result\n")
-    gone = api.gw.quarantine.local_path(f"quarantine/{v.id}/{t2['task_id']}/out.txt")
+    gone = api.gw.quarantine.local_path(output_key(v.id, t2["task_id"], "out.txt"))
     assert gone is not None
     gone.unlink()
     api.settle()
@@ -351,7 +352,7 @@ def test_nothing_reaches_trusted_storage_before_validation(api: Api) -> None:
     # uploaded and reported, not yet validated
     assert api.job(jid)["state"] == "validating"
     assert_nothing_trusted(api, jid)
-    assert api.gw.quarantine.exists(f"quarantine/{v.id}/{t['task_id']}/out.txt")
+    assert api.gw.quarantine.exists(output_key(v.id, t["task_id"], "out.txt"))
     assert api.count(schema.files, schema.files.c.kind == "output") == 1
     api.settle()
     view = api.job(jid)
@@ -365,7 +366,7 @@ def test_nothing_reaches_trusted_storage_before_validation(api: Api) -> None:
         v.host_id,
         t["task_id"],
     )
-    assert not api.gw.quarantine.exists(f"quarantine/{v.id}/{t['task_id']}/out.txt")
+    assert not api.gw.quarantine.exists(output_key(v.id, t["task_id"], "out.txt"))
 
 
 def test_host_record_valid_doubles_quota_up_to_the_max_and_failures_take_one_off(api: Api) -> None:
@@ -413,7 +414,7 @@ def test_bytes_changed_after_validation_never_reach_trusted_storage(api: Api) ->
     finish(v, t, {"out.txt": b"validated bytes\n"})
     assert validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings) == 1
     assert api.job(jid)["state"] == "assimilating"
-    path = api.gw.quarantine.local_path(f"quarantine/{v.id}/{t['task_id']}/out.txt")
+    path = api.gw.quarantine.local_path(output_key(v.id, t["task_id"], "out.txt"))
     assert path is not None
     path.write_bytes(b"swapped in between\n")
     api.settle()
@@ -488,7 +489,7 @@ def test_batches_isolate_one_bad_job_from_the_others(api: Api, monkeypatch: pyte
         "assimilating",
         "assimilating",
     ]
-    tampered = api.gw.quarantine.local_path(f"quarantine/{v.id}/{tasks[2]['task_id']}/out.txt")
+    tampered = api.gw.quarantine.local_path(output_key(v.id, tasks[2]["task_id"], "out.txt"))
     assert tampered is not None
     tampered.write_bytes(b"swapped in between\n")
     assert assimilate_pending(api.gw.engine, api.gw.quarantine, api.gw.trusted) == 2

@@ -32,7 +32,7 @@ from sqlalchemy import Engine, bindparam, select
 from starlette.concurrency import run_in_threadpool
 
 from airlock.boinc.names import NameSigner
-from airlock.bridge.quarantine import UploadTarget, output_key, record_upload
+from airlock.bridge.quarantine import UploadTarget, is_remote, record_upload
 from airlock.core.states import TaskState, VolunteerState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
@@ -120,7 +120,13 @@ class UploadHandler:
         if row.state != TaskState.LEASED.value or row.deadline <= utcnow():
             raise _permanent(f"{name}: its task is not assigned any more ({row.state}); upload refused")
         return UploadTarget(
-            row.volunteer_id, ids.task_id, outputs[ids.index]["name"], row.job_id, row.host_id, max_size
+            row.volunteer_id,
+            ids.task_id,
+            outputs[ids.index]["name"],
+            row.job_id,
+            row.host_id,
+            max_size,
+            is_remote(self.quarantine),
         )
 
     def _stored_size(self, target: UploadTarget) -> int | None:
@@ -203,7 +209,7 @@ class UploadHandler:
 
     async def _publish(self, target: UploadTarget, partial: Path) -> None:
         """Stream the complete file into the quarantine, then record it; the partial goes last."""
-        key = output_key(target.volunteer_id, target.task_id, target.name)
+        key = target.key
         pending = await self.quarantine.receive(key, _file_chunks(partial), max_size=target.max_size)
         digest = pending.digest
 

@@ -292,11 +292,8 @@ class LocalStorage:
             p.unlink()
         except FileNotFoundError:
             return False
-        # The file's own folder goes with its last file (a task's quarantine folder); the folders above
-        # it stay (a volunteer's would otherwise be removed and made again for each of its tasks).
-        if p.parent != self.root:
-            with contextlib.suppress(OSError):
-                p.parent.rmdir()
+        # Its folder stays, even once empty (a volunteer's quarantine folder is used again by its next
+        # task): removing and making folders again costs inodes, see `bridge.quarantine.output_key`.
         return True
 
     def list(self, prefix: str) -> Iterator[str]:

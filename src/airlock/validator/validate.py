@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, select
 
-from airlock.bridge.quarantine import UploadTarget, output_key, record_upload
+from airlock.bridge.quarantine import UploadTarget, record_upload, remote_output_key, remote_task_folder
 from airlock.config import Settings
 from airlock.core.checksums import Digest
 from airlock.core.states import JobState, TaskState
@@ -143,7 +143,7 @@ def fetch_remote_outputs(
     new = False
     for declared in job.spec["outputs"]:
         name, max_size = declared["name"], int(declared["max_size"])
-        key = output_key(task.volunteer_id, task.id, name)
+        key = remote_output_key(task.volunteer_id, task.id, name)
         server = quarantine.checksum(key)
         if server is None:
             continue
@@ -157,7 +157,9 @@ def fetch_remote_outputs(
                 continue  # changed while we read it: judged missing now, checked again on the next pass
             fetched[name] = (digest, local)
         if name not in by_name:
-            target = UploadTarget(task.volunteer_id, task.id, name, task.job_id, task.host_id, max_size)
+            target = UploadTarget(
+                task.volunteer_id, task.id, name, task.job_id, task.host_id, max_size, remote=True
+            )
             with engine.begin() as conn:
                 new |= record_upload(conn, target, digest, None)
     _remove_undeclared(engine, quarantine, task, {d["name"] for d in job.spec["outputs"]})
@@ -173,7 +175,7 @@ def fetch_remote_outputs(
 
 def _remove_undeclared(engine: Engine, quarantine: XRootDStorage, task: Any, declared: set[str]) -> None:
     """A `storage.create` token cannot restrict names: delete files the job did not ask for (on record)."""
-    folder = output_key(task.volunteer_id, task.id, "").rstrip("/")
+    folder = remote_task_folder(task.volunteer_id, task.id)
     for key in quarantine.list(folder):
         name = key.rsplit("/", 1)[-1]
         if name in declared:
