@@ -34,8 +34,8 @@ import asyncio  # noqa: E402
 import cProfile  # noqa: E402
 import json  # noqa: E402
 import pstats  # noqa: E402
+import shutil  # noqa: E402
 import sqlite3  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -51,6 +51,7 @@ from airlock.context import Gateway, initialise  # noqa: E402
 from airlock.core.checksums import digest_bytes, format_digest_header  # noqa: E402
 from airlock.db import engine as db_engine  # noqa: E402
 from airlock.db.migrate import upgrade  # noqa: E402
+from harness import fresh_data_dir  # noqa: E402
 
 OPERATOR_TOKEN = "cycle-cost-operator-token"
 PASSWORD = "cycle cost password"
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     clock = SqliteClock()
     clock.install()
-    with tempfile.TemporaryDirectory(prefix="airlock-cycle-cost-") as tmp:
+    tmp = fresh_data_dir("airlock-cycle-cost-")
+    try:
         gw, app, volunteers = set_up(Path(tmp), args.cycles + 5 * args.hosts, args.hosts)
         try:
             asyncio.run(run_cycles(app, volunteers, min(args.hosts * 2, args.cycles)))  # warm-up
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             clock.on = False
         finally:
             gw.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     per_cycle_ms = cpu / done * 1e3
     sqlite_ms = clock.seconds / done * 1e3
     print(f"{done} cycles in {wall:.1f} s, {args.hosts} hosts, no HTTP, background loops off")

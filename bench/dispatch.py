@@ -34,7 +34,6 @@ import math  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
@@ -44,7 +43,14 @@ from typing import Any  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from harness import PhaseResult, free_port, stop_process, timed_phase, wait_healthy  # noqa: E402
+from harness import (  # noqa: E402
+    PhaseResult,
+    free_port,
+    fresh_data_dir,
+    stop_process,
+    timed_phase,
+    wait_healthy,
+)
 from loadgen import Connection, Response, install_fast_loop  # noqa: E402
 from procstats import TreeMonitor, backends_of  # noqa: E402
 from workload import ENDPOINTS, Host, cycle_summary, run_cycles, run_healthz  # noqa: E402
@@ -378,7 +384,7 @@ def clean(doc: Any) -> Any:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    data_dir = Path(tempfile.mkdtemp(prefix="airlock-dispatch-"))
+    data_dir = fresh_data_dir("airlock-dispatch-")
     server = Server(args, data_dir, free_port(), secrets.token_urlsafe(32))
     monitor: TreeMonitor | None = None
     db_monitor: TreeMonitor | None = None  # PostgreSQL's own processes for this database
