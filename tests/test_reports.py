@@ -374,3 +374,28 @@ def test_malformed_checksums_in_a_report_are_refused(api: Api) -> None:
         assert_error(r, 422)
     assert api.snapshot() == before
     assert task_row(api, t["task_id"]).state == "leased"
+
+
+def test_the_first_report_moves_a_running_job_to_validating_and_later_ones_leave_it(api: Api) -> None:
+    """Each report settles the job in its own transaction: a running job becomes a validating one once,
+    with one audit event, and a second copy's report changes nothing more (no task is created)."""
+    (jid,) = api.submit(job("twice", copies=2, quorum=2))["jobs"]
+    a, b = api.volunteer(), api.volunteer()
+    (ta,), (tb,) = a.work(), b.work()
+    assert api.job(jid)["state"] == "running"
+    a.complete(ta)
+    assert api.job(jid)["state"] == "validating"
+    b.complete(tb)
+    assert api.job(jid)["state"] == "validating"
+    t = schema.tasks
+    with read(api.gw.engine) as conn:
+        moves = conn.execute(
+            select(schema.events.c.action).where(
+                schema.events.c.object_type == "job",
+                schema.events.c.object_id == jid,
+                schema.events.c.action == "job.validating",
+            )
+        ).all()
+        tasks = conn.execute(select(t.c.state).where(t.c.job_id == jid)).scalars().all()
+    assert len(moves) == 1
+    assert sorted(tasks) == ["reported", "reported"]

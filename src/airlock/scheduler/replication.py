@@ -75,6 +75,15 @@ def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | No
     return str(job.state)
 
 
+def settle_reported(conn: Connection, job_id: int, actor: str) -> None:
+    """`settle_job` after one of the job's leased tasks was reported, in the same transaction, without
+    reading the job and its tasks: a report turns no task valid (so no quorum), leaves the tasks in
+    flight as many as they were (LEASED and REPORTED both are), so nothing new is missing, and cannot
+    fail the job; all that can change is a running job becoming one that validates. Every other state
+    (validating already, assimilating, final) stays as it is: the transition applies only from RUNNING."""
+    transition(conn, JobState.VALIDATING, job_id, actor)
+
+
 def _reach_quorum(
     conn: Connection,
     job_id: int,

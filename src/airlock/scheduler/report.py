@@ -15,7 +15,7 @@ from airlock.db.engine import utcnow
 from airlock.db.fast import Fast
 from airlock.db.transitions import transition
 from airlock.scheduler.leases import lease_is_live, own_task
-from airlock.scheduler.replication import settle_job
+from airlock.scheduler.replication import settle_reported
 
 _DONE = {TaskState.REPORTED.value, TaskState.VALID.value, TaskState.INVALID.value, TaskState.ERROR.value}
 
@@ -67,5 +67,5 @@ def report_task(
         },
         detail={"exit_code": report.exit_code},
     )
-    settle_job(conn, task.job_id, actor)
+    settle_reported(conn, task.job_id, actor)
     return ReportAccepted(task_id=task_id, state=TaskState.REPORTED.value)
