@@ -29,6 +29,8 @@ from airlock.storage.xrootd_server import (
     make_pki,
 )
 
+from .xrootd_watchdog import watched
+
 ISSUER = "https://airlock.test"
 STORAGE_AUDIENCE = "https://storage.airlock.test"
 
@@ -52,7 +54,8 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> TokenIssuer:
 @pytest.fixture(scope="module")
 def server(issuer: TokenIssuer) -> Iterator[XRootDServer]:
     srv = start_xrootd(XRootDServer(issuer.issuer, issuer.jwks(), [issuer.audience, STORAGE_AUDIENCE]))
-    yield srv
+    with watched(srv):
+        yield srv
     srv.stop()
 
 

@@ -4,15 +4,12 @@ trusted area with the gateway's own token, exactly once even when killed at any 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 import shutil
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from airlock.validator.validate import validate_pending
 
 from .helpers import OPERATOR_TOKEN, Api, Volunteer, job
 from .test_xrootd import start_xrootd
+from .xrootd_watchdog import watched
 
 ISSUER = "https://airlock.test"
 CRASH_POINTS = ["assimilate.after_copy", "assimilate.before_commit", "assimilate.after_commit"]
@@ -47,32 +45,6 @@ CRASH_POINTS = ["assimilate.after_copy", "assimilate.before_commit", "assimilate
 
 class XApi(Api):
     server: XRootDServer
-
-
-@contextlib.contextmanager
-def watched(server: XRootDServer, every_s: float = 5.0) -> Iterator[None]:
-    """Restart the server, as `airlock demo --bridge xrootd` does, when it misses two checks in a row:
-    Debian's XRootD 5.5.3 XrdHttp now and then stops answering under concurrent TLS connections
-    (upstream xrootd/xrootd#1940, #2226; seen in CI: every request of a kill-point test timing out for
-    minutes). The gateway's client then retries on a new connection, which the restarted server answers."""
-    stop = threading.Event()
-
-    def watch() -> None:
-        misses = 0
-        while not stop.wait(every_s):
-            misses = 0 if server.answers() else misses + 1
-            if misses >= 2:
-                misses = 0
-                if server.revive():
-                    logging.getLogger(__name__).warning("XRootD stopped answering and was restarted")
-
-    watcher = threading.Thread(target=watch, name="xrootd-watchdog", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        watcher.join()
 
 
 @pytest.fixture
