@@ -56,8 +56,12 @@ class UploadTarget:
 
     @property
     def path(self) -> str:
-        """The path the volunteer uploads to, under its upload token's scope."""
-        return f"{quarantine_path(self.volunteer_id, self.task_id)}/{self.name}"
+        return upload_path(self.volunteer_id, self.task_id, self.name)
+
+
+def upload_path(volunteer_id: int, task_id: int, name: str) -> str:
+    """The path a volunteer uploads a task's output to, under its upload token's scope."""
+    return f"{quarantine_path(volunteer_id, task_id)}/{name}"
 
 
 def is_remote(quarantine: Storage) -> bool:
@@ -77,7 +81,7 @@ def output_key(volunteer_id: int, task_id: int, name: str) -> str:
 def remote_output_key(volunteer_id: int, task_id: int, name: str) -> str:
     """A task's output on a remote quarantine, where the volunteer writes it itself: the path its upload
     token's scope names, `quarantine/<volunteer>/<task>/<name>`."""
-    return f"{quarantine_path(volunteer_id, task_id).lstrip('/')}/{name}"
+    return upload_path(volunteer_id, task_id, name).lstrip("/")
 
 
 def remote_task_folder(volunteer_id: int, task_id: int) -> str:
@@ -111,7 +115,7 @@ def authorise_upload(
         check_file_name(name)
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
-    path = f"{quarantine_path(volunteer_id, task_id)}/{name}"
+    path = upload_path(volunteer_id, task_id, name)
     if claims.volunteer_id != volunteer_id or not allows_create(claims, path):
         raise Forbidden(f"this token does not allow creating {path}")
     row = _TASK_FOR_UPLOAD.one_or_none(conn, {"task": task_id, "volunteer": volunteer_id})

@@ -192,7 +192,6 @@ class WriterGate:
                 await group.gather()
                 await self._reserve(loop)
                 try:
-                    group.close()
                     self.active = group
                     group.run(opener)  # begins with the reservation: the transaction holds the turn
                 finally:

@@ -108,14 +108,11 @@ class CommitGroup:
             idle = idle + 1 if self.size == seen else 0
             seen = self.size
 
-    def close(self) -> None:
-        """No newcomers: they open the next group."""
-        self.open = False
-
     # ------------------------------------------------------------------------------------ the runner
     def run(self, opener: Opener) -> None:
         """Begin the group's transaction, call every member's function in it, commit, and let the
-        members know (the runner, holding the writer turn; synchronous from begin to commit)."""
+        members know (the runner, holding the writer turn; synchronous from begin to commit). Closes the
+        group first: requests that hand in their functions from here on open the next one."""
         self.open = False
         interrupt: BaseException | None = None
         conn, release = opener()
