@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from airlock.db.engine import make_engine, writer_turn
+from airlock.db.engine import hot_begin, make_engine, run_write
 
 HOLD = """
 import sys, time
@@ -73,12 +73,14 @@ def test_an_event_loop_waits_for_another_process_s_turn_without_blocking(tmp_pat
             ticks.append(time.time())
             await asyncio.sleep(0.01)
 
-    async def write() -> float:
-        async with writer_turn(engine):
-            with engine.begin() as conn:  # the turn is already ours: no wait on the loop
-                at = time.time()
-                conn.execute(text("INSERT INTO t (who, at) VALUES ('loop', :at)"), {"at": at})
+    def insert() -> float:
+        with hot_begin(engine) as conn:  # the turn is already the group's: no wait on the loop
+            at = time.time()
+            conn.execute(text("INSERT INTO t (who, at) VALUES ('loop', :at)"), {"at": at})
         return at
+
+    async def write() -> float:
+        return await run_write(engine, insert)
 
     async def main() -> float:
         tick = asyncio.create_task(ticker())
@@ -98,7 +100,7 @@ def test_an_event_loop_waits_for_another_process_s_turn_without_blocking(tmp_pat
     engine.dispose()
 
 
-def test_a_reserved_turn_is_used_by_the_loop_thread_s_next_write_and_given_back_if_unused(
+def test_a_groups_turn_is_held_while_its_functions_run_and_given_back_at_its_commit(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -117,16 +119,26 @@ def test_a_reserved_turn_is_used_by_the_loop_thread_s_next_write_and_given_back_
             os.close(fd)
         return True
 
+    seen: list[bool] = []
+
+    def insert() -> None:
+        seen.append(other_process_can_lock())  # the group's transaction holds the turn
+        with hot_begin(engine) as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+
+    def refuse() -> None:
+        seen.append(other_process_can_lock())
+        raise ValueError("refused")
+
     async def main() -> None:
-        async with writer_turn(engine):
-            assert not other_process_can_lock()  # reserved for this loop
-        assert other_process_can_lock()  # unused, so given back at the end of the block
-        async with writer_turn(engine):
-            with engine.begin() as conn:
-                conn.execute(text("INSERT INTO t VALUES (1)"))
-            assert other_process_can_lock()  # released at commit, before the block ends
+        await run_write(engine, insert)
+        assert other_process_can_lock()  # released at the commit, before the caller goes on
+        with pytest.raises(ValueError):
+            await run_write(engine, refuse)
+        assert other_process_can_lock()  # a group whose only function failed gives the turn back too
 
     asyncio.run(main())
+    assert seen == [False, False]
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
     engine.dispose()

@@ -14,7 +14,9 @@ import pytest
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import IntegrityError
 
-from airlock.db.engine import hot_begin, make_engine, run_write, writer_gate, writer_turn
+from airlock.db import engine as db_engine
+from airlock.db import group_commit
+from airlock.db.engine import hot_begin, make_engine, run_write, writer_gate
 from airlock.db.group_commit import NestedWriteError
 
 
@@ -220,21 +222,27 @@ def test_a_write_of_its_own_inside_a_member_is_refused_at_once(
     assert 3 in committed_rows(engine)
 
 
-def test_an_ungrouped_turn_waits_for_the_open_group(engine: Engine) -> None:
-    async def grouped(n: int) -> None:
-        await run_write(engine, lambda: insert(engine, n))
+def test_groups_of_one_loop_commit_in_the_order_their_writes_were_handed_in(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full group (MAX_MEMBERS) makes the next writes open another, which waits for the first in the
+    loop's queue: writes run and commit in the order they were handed in."""
+    monkeypatch.setattr(db_engine, "MAX_MEMBERS", 2)
+    monkeypatch.setattr(group_commit, "MAX_MEMBERS", 2)
+    seen = commits(engine)
+    ran: list[int] = []
 
-    async def ungrouped() -> None:
-        async with writer_turn(engine):
-            with engine.begin() as conn:
-                assert committed_rows(engine) == [1, 2]  # it waited for the whole group
-                conn.execute(text("INSERT INTO t (n) VALUES (100)"))
+    def work(n: int) -> None:
+        ran.append(n)
+        insert(engine, n)
 
     async def main() -> None:
-        await asyncio.gather(grouped(1), ungrouped(), grouped(2))
+        await asyncio.gather(*(run_write(engine, lambda n=n: work(n)) for n in range(1, 6)))
 
     asyncio.run(main())
-    assert committed_rows(engine) == [1, 2, 100]
+    assert ran == [1, 2, 3, 4, 5]
+    assert committed_rows(engine) == [1, 2, 3, 4, 5]
+    assert len(seen) == 3, f"5 writes in groups of 2 at most, {len(seen)} commits"
 
 
 def test_a_kept_connection_whose_commit_failed_is_not_used_again(engine: Engine) -> None:

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -49,14 +49,13 @@ class WriterGate:
     released. The busy handler is left for anything else that writes to the file.
 
     An event loop must not wait for another process's turn: that stops every request it is serving.
-    `turn()` lets it wait in a helper thread instead: the turn is then reserved for the loop's thread,
-    and the next write transaction begun on that thread uses it (`begin()` on the loop thread takes a
-    held reservation rather than waiting, so it can never wait for a turn that only it could use).
-
-    `turn(opener)` also groups the loop's hot transactions into one commit (`airlock.db.group_commit`):
-    the group gathers its members before it asks for the turn, and its transaction holds the turn while
-    they run their blocks. A write transaction of its own begun on the loop thread meanwhile commits the
-    group first, and then takes its turn as usual.
+    `grouped()` (what `run_write` calls) lets it wait in a helper thread instead: the turn is then
+    reserved for the loop's thread, and the next write transaction begun on that thread uses it
+    (`begin()` on the loop thread takes a held reservation rather than waiting, so it can never wait for
+    a turn that only it could use). It also groups the loop's hot transactions into one commit
+    (`airlock.db.group_commit`): the group gathers its members before it asks for the turn, and its
+    transaction holds the turn while their functions run, back to back. A write transaction of its own
+    begun inside one of them is refused (`NestedWriteError`).
     """
 
     def __init__(self, path: str | None) -> None:
@@ -144,19 +143,6 @@ class WriterGate:
                 return
             self._state, self._for = "locking", owner
         self._flock("reserved", owner, blocking=True)
-
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        """For a coroutine about to write synchronously on the event loop: wait for the turn without
-        blocking the loop (in a helper thread, when it is taken), then run the write inside this block.
-        Coroutines of one loop take their turns one after the other, groups (`grouped`) included."""
-        loop = asyncio.get_running_loop()
-        async with self._queue(loop):
-            await self._reserve(loop)
-            try:
-                yield
-            finally:
-                self.unreserve()
 
     async def grouped(self, opener: Opener, work: Callable[[], T]) -> T:
         """Run `work` (a hot write transaction, `hot_begin`) on the event loop's thread in the loop's
@@ -320,16 +306,6 @@ _gates: weakref.WeakKeyDictionary[Engine, WriterGate] = weakref.WeakKeyDictionar
 def writer_gate(engine: Engine) -> WriterGate | None:
     """The engine's writer gate (SQLite), or None (PostgreSQL: writers do not queue)."""
     return _gates.get(engine)
-
-
-def writer_turn(engine: Engine) -> contextlib.AbstractAsyncContextManager[None]:
-    """`async with writer_turn(engine):` around a write transaction run on the event loop: on SQLite the
-    loop waits for the writer turn without blocking (`WriterGate.turn`); on PostgreSQL it does nothing.
-    (A request's hot transaction goes through `run_write` instead, into the loop's commit group.)"""
-    gate = writer_gate(engine)
-    if gate is None:
-        return contextlib.nullcontext()
-    return gate.turn()
 
 
 HOT_THREADS = 8  # PostgreSQL: hot transactions in worker threads at once, beside the default limiter's
