@@ -4,6 +4,7 @@ refusals of bad tokens (expired, not yet valid, wrong audience, alg none, anothe
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,6 +110,29 @@ def test_keys_commands(tmp_path: Any) -> None:
     r = airlock("keys", "retire", first.kid)
     assert r.returncode == 0
     assert [k.kid for k in load_signing_keys(tmp_path / "keys")] == [current.kid]
+    # key ids are hex, so no id is ever taken for an option (a base64url one began with '-' once in 64)
+    assert re.fullmatch(r"[0-9a-f]{16}", current.kid)
+
+
+def test_a_key_id_beginning_with_a_dash_can_be_retired(tmp_path: Any) -> None:
+    """Key ids of older Airlocks were base64url and could begin with '-': `--` still retires them."""
+    env = {k: val for k, val in os.environ.items() if not k.startswith("AIRLOCK_")}
+
+    def airlock(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "airlock", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    assert airlock("init", "--data-dir", str(tmp_path)).returncode == 0
+    keys = tmp_path / "keys"
+    (old,) = load_signing_keys(keys)
+    (keys / f"token-{old.kid}.pem").rename(keys / "token--pfCotwJ2i6r7_Gm.pem")
+    assert airlock("keys", "rotate", "--data-dir", str(tmp_path)).returncode == 0
+    new, _ = load_signing_keys(keys)
+    assert "-pfCotwJ2i6r7_Gm verifies" in airlock("keys", "list", "--data-dir", str(tmp_path)).stdout
+    r = airlock("keys", "--data-dir", str(tmp_path), "retire", "--", "-pfCotwJ2i6r7_Gm")
+    assert r.returncode == 0, r.stderr
+    assert [k.kid for k in load_signing_keys(keys)] == [new.kid]
 
 
 def test_bad_tokens_are_refused_clearly(api: Api) -> None:

@@ -30,7 +30,13 @@ def add_commands(sub: Any, gateway_args: Callable[[argparse.ArgumentParser], Non
     )
     gateway_args(p)
     p.add_argument("action", choices=["list", "rotate", "retire"])
-    p.add_argument("kid", nargs="?", help="retire: the key id (once its tokens have expired)")
+    p.add_argument(
+        "kid",
+        nargs="?",
+        help="retire: the key id (once its tokens have expired); an id made by an older Airlock that begins "
+        "with '-' goes last, after `--`, with every option before the action: "
+        "`airlock keys --data-dir D retire -- -pfC...`",
+    )
     p.set_defaults(func=cmd_keys)
 
 

@@ -41,7 +41,10 @@ class SigningKey:
 
 
 def thumbprint(public: ec.EllipticCurvePublicKey) -> str:
-    """RFC 7638 JWK thumbprint, used as the key id."""
+    """The key id: the RFC 7638 JWK thumbprint's first 64 bits in hex.
+
+    Hex, not base64url: a base64url id begins with '-' once in 64 keys, and a command line then takes
+    it for an option (`airlock keys retire -pfC...`)."""
     nums = public.public_numbers()
     members = {
         "crv": "P-256",
@@ -50,7 +53,7 @@ def thumbprint(public: ec.EllipticCurvePublicKey) -> str:
         "y": _b64url(nums.y.to_bytes(32, "big")),
     }
     canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
-    return _b64url(hashlib.sha256(canonical).digest())[:16]
+    return hashlib.sha256(canonical).hexdigest()[:16]
 
 
 def write_private(path: Path, data: bytes) -> None:
