@@ -8,12 +8,16 @@ import asyncio
 import threading
 
 import anyio.to_thread
+import pytest
 from sqlalchemy import select, update
 
 from airlock.api.app import THREADS
 from airlock.context import Gateway
+from airlock.credentials.tokens import Grant, Issued
 from airlock.db import schema
-from airlock.db.engine import hot_begin, hot_read, is_sqlite, run_read, run_write, utcnow
+from airlock.db.engine import hot_begin, hot_read, is_sqlite, read, run_read, run_write, utcnow
+
+from .helpers import Api, job
 
 
 def test_sqlite_runs_it_on_the_loop_and_postgresql_in_a_thread(gw: Gateway) -> None:
@@ -99,3 +103,33 @@ def test_on_postgresql_busy_default_threads_hold_up_no_request_transaction(gw: G
             await asyncio.gather(*busy)
 
     assert asyncio.run(main()) == (0, 0)
+
+
+def test_upload_tokens_are_signed_after_the_commit(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A work request's and a heartbeat's upload token is signed once the transaction that records its
+    credential has committed (the signature is ~50 µs of CPU that need not hold SQLite's writer turn):
+    at signing time another connection already sees the credential's row."""
+    api.submit(job("signed-late"))
+    v = api.volunteer()
+    issuer = api.gw.issuer
+    seen: list[tuple[str, bool]] = []
+    sign = issuer.sign
+
+    def signing(grant: Grant) -> Issued:
+        c = schema.credentials
+        with read(api.gw.engine) as conn:
+            row = conn.execute(select(c.c.kind, c.c.task_id).where(c.c.jti == grant.jti)).one_or_none()
+        seen.append((grant.scope, row is not None and row.kind == "upload"))
+        return sign(grant)
+
+    monkeypatch.setattr(issuer, "sign", signing)
+    (task,) = v.work()
+    assert v.heartbeat(task).json()["upload_token"]
+    scope = f"storage.create:/quarantine/{v.id}/{task['task_id']}"
+    assert seen == [(scope, True), (scope, True)]
+    # and the tokens are the ones recorded: each verifies, with the grant's id
+    jtis = {issuer.verify(task["upload_token"]).jti}
+    with read(api.gw.engine) as conn:
+        c = schema.credentials
+        recorded = set(conn.execute(select(c.c.jti).where(c.c.task_id == task["task_id"])).scalars())
+    assert jtis < recorded and len(recorded) == 2

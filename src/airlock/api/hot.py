@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from airlock.api import errors
 from airlock.api.boinc import XML, answer_rpc, parse_rpc
-from airlock.api.volunteer import heartbeat_for, report_for, work_for
+from airlock.api.volunteer import heartbeat_done, heartbeat_for, report_for, work_done, work_for
 from airlock.boinc.protocol import MAX_REQUEST_BYTES
 from airlock.bridge.quarantine import receive_upload
 from airlock.context import Gateway
@@ -121,16 +121,24 @@ class HotRoutes:
         token = _bearer(scope)
         if token is None:
             return None
+        gw = self.gw
         if method == "POST" and path == "/api/v1/work":
-            return lambda r, s: self._json(r, s, token, WorkRequest, lambda who, b: work_for(self.gw, who, b))
+            return lambda r, s: self._json(
+                r, s, token, WorkRequest, lambda who, b: work_for(gw, who, b), lambda g: work_done(gw, g)
+            )
         if method == "POST" and (m := _TASK_CALL.fullmatch(path)) and (ids := _ids(m[1])):
             task_id = ids[0]
             if m[2] == "report":
                 return lambda r, s: self._json(
-                    r, s, token, TaskReport, lambda who, b: report_for(self.gw, who, task_id, b)
+                    r, s, token, TaskReport, lambda who, b: report_for(gw, who, task_id, b)
                 )
             return lambda r, s: self._json(
-                r, s, token, Heartbeat, lambda who, b: heartbeat_for(self.gw, who, task_id, b)
+                r,
+                s,
+                token,
+                Heartbeat,
+                lambda who, b: heartbeat_for(gw, who, task_id, b),
+                lambda renewal: heartbeat_done(gw, renewal),
             )
         if method == "PUT" and (m := _UPLOAD.fullmatch(path)) and (ids := _ids(m[1], m[2])):
             volunteer_id, task_id = ids
@@ -158,8 +166,11 @@ class HotRoutes:
         send: Send,
         token: str,
         model: type[BaseModel],
-        call: Callable[[Claims, Any], BaseModel],
+        call: Callable[[Claims, Any], Any],
+        done: Callable[[Any], BaseModel] | None = None,
     ) -> None:
+        """A JSON request: `call` is its write transaction (run by `run_write`), `done` makes the reply
+        from what it returned, once committed (without it, `call` returns the reply itself)."""
         body = await read_body(receive, MAX_JSON_BYTES)
         try:
             if body is None:
@@ -173,7 +184,8 @@ class HotRoutes:
             except ValidationError as exc:
                 await respond_error(send, errors.for_validation(exc.errors(), in_body=True))
                 return
-            reply = await run_write(self.gw.engine, lambda: call(who, request))
+            result = await run_write(self.gw.engine, lambda: call(who, request))
+            reply = done(result) if done is not None else result
         except Exception as exc:
             await self._fail(send, exc)
             return

@@ -35,8 +35,8 @@ from airlock.credentials.accounts import require_active
 from airlock.credentials.tokens import Claims
 from airlock.db.engine import hot_begin, run_write
 from airlock.generator.inputs import input_key, lookup_input
-from airlock.scheduler.dispatch import register_host, request_work
-from airlock.scheduler.leases import heartbeat
+from airlock.scheduler.dispatch import WorkGrant, register_host, request_work, work_reply
+from airlock.scheduler.leases import Renewal, heartbeat, heartbeat_reply
 from airlock.scheduler.report import report_task
 
 router = APIRouter(prefix="/api/v1", tags=["volunteer"])
@@ -68,15 +68,25 @@ async def hosts(gw: GatewayDep, who: Volunteer, body: HostRegistration) -> HostR
 
 
 # The operations behind the hot routes, shared by these FastAPI routes (the OpenAPI document, and any
-# request the front in `api.hot` passes on) and by that front itself.
-def work_for(gw: Gateway, who: Claims, body: WorkRequest) -> WorkReply:
+# request the front in `api.hot` passes on) and by that front itself. Each is the request's one write
+# transaction (run by `run_write`) and, for work and heartbeats, the reply made once it is committed:
+# the upload tokens are signed there, outside the transaction.
+def work_for(gw: Gateway, who: Claims, body: WorkRequest) -> WorkGrant:
     with hot_begin(gw.engine) as conn:
         return request_work(conn, gw.settings, gw.issuer, who.volunteer_id, body)
 
 
-def heartbeat_for(gw: Gateway, who: Claims, task_id: int, body: Heartbeat) -> HeartbeatReply:
+def work_done(gw: Gateway, grant: WorkGrant) -> WorkReply:
+    return work_reply(gw.settings, gw.issuer, grant)
+
+
+def heartbeat_for(gw: Gateway, who: Claims, task_id: int, body: Heartbeat) -> Renewal:
     with hot_begin(gw.engine) as conn:
         return heartbeat(conn, gw.settings, who.volunteer_id, body.host_id, task_id, gw.issuer)
+
+
+def heartbeat_done(gw: Gateway, renewal: Renewal) -> HeartbeatReply:
+    return heartbeat_reply(gw.issuer, renewal)
 
 
 def report_for(gw: Gateway, who: Claims, task_id: int, body: TaskReport) -> ReportAccepted:
@@ -86,12 +96,12 @@ def report_for(gw: Gateway, who: Claims, task_id: int, body: TaskReport) -> Repo
 
 @router.post("/work")
 async def work(gw: GatewayDep, who: Volunteer, body: WorkRequest) -> WorkReply:
-    return await run_write(gw.engine, lambda: work_for(gw, who, body))
+    return work_done(gw, await run_write(gw.engine, lambda: work_for(gw, who, body)))
 
 
 @router.post("/tasks/{task_id}/heartbeat")
 async def task_heartbeat(gw: GatewayDep, who: Volunteer, task_id: PathId, body: Heartbeat) -> HeartbeatReply:
-    return await run_write(gw.engine, lambda: heartbeat_for(gw, who, task_id, body))
+    return heartbeat_done(gw, await run_write(gw.engine, lambda: heartbeat_for(gw, who, task_id, body)))
 
 
 @router.post("/tasks/{task_id}/report")

@@ -35,6 +35,19 @@ KEYS_RECHECK_S = 30.0
 
 
 @dataclass(frozen=True)
+class Grant:
+    """A token decided but not yet signed: what `record_credential` records. A write transaction records
+    the grant and the token is signed after the commit (`TokenIssuer.sign`): an ES256 signature with
+    PyJWT costs ~50 µs of CPU, which need not hold SQLite's one writer turn."""
+
+    volunteer_id: int
+    jti: str
+    scope: str
+    not_before: datetime
+    not_after: datetime
+
+
+@dataclass(frozen=True)
 class Issued:
     token: str
     jti: str
@@ -105,22 +118,25 @@ class TokenIssuer:
         self.refresh()
         return {"keys": [k.jwk() for k in self.keys]}
 
-    def issue(self, volunteer_id: int, scopes: list[str], now: datetime, ttl: timedelta) -> Issued:
+    def grant(self, volunteer_id: int, scopes: list[str], now: datetime, ttl: timedelta) -> Grant:
+        """Decide a token (its id, scope and lifetime) without signing it."""
+        return Grant(volunteer_id, uuid.uuid4().hex, " ".join(scopes), now, now + ttl)
+
+    def sign(self, grant: Grant) -> Issued:
+        """The signed token of a grant (with the newest key)."""
         self.refresh()
-        jti = uuid.uuid4().hex
-        scope = " ".join(scopes)
-        iat = int(now.timestamp())
-        exp = int((now + ttl).timestamp())
+        iat = int(grant.not_before.timestamp())
+        exp = int(grant.not_after.timestamp())
         claims = {
             "wlcg.ver": WLCG_VERSION,
             "iss": self.issuer,
-            "sub": str(volunteer_id),
+            "sub": str(grant.volunteer_id),
             "aud": self.audience,
-            "scope": scope,
+            "scope": grant.scope,
             "iat": iat,
             "nbf": iat,
             "exp": exp,
-            "jti": jti,
+            "jti": grant.jti,
         }
         token = jwt.encode(
             claims, self.current.private, algorithm=ALGORITHM, headers={"kid": self.current.kid}
@@ -128,8 +144,14 @@ class TokenIssuer:
         if iat <= time.time() + LEEWAY_S:  # (one valid only later goes through the full check)
             if len(self._issued) >= ISSUED_CACHE_SIZE:
                 del self._issued[next(iter(self._issued))]
-            self._issued[token] = Claims(volunteer_id, frozenset(scope.split()), jti, exp, claims)
-        return Issued(token, jti, scope, now, now + ttl)
+            self._issued[token] = Claims(
+                grant.volunteer_id, frozenset(grant.scope.split()), grant.jti, exp, claims
+            )
+        return Issued(token, grant.jti, grant.scope, grant.not_before, grant.not_after)
+
+    def issue(self, volunteer_id: int, scopes: list[str], now: datetime, ttl: timedelta) -> Issued:
+        """A signed token at once (`grant` then `sign`)."""
+        return self.sign(self.grant(volunteer_id, scopes, now, ttl))
 
     def verify(self, token: str) -> Claims:
         """Check signature, issuer, audience and lifetime; refuse anything but ES256 with a known kid.
@@ -217,7 +239,7 @@ _INSERT_CREDENTIAL = Fast(
 
 
 def record_credential(
-    conn: Connection, issued: Issued, kind: str, volunteer_id: int, task_id: int | None = None
+    conn: Connection, issued: Issued | Grant, kind: str, volunteer_id: int, task_id: int | None = None
 ) -> None:
     _INSERT_CREDENTIAL.run(
         conn,

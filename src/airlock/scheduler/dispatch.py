@@ -35,7 +35,7 @@ from airlock.core.schemas import (
 )
 from airlock.core.states import TASK_NO_RESULT, JobState, TaskState, VolunteerState
 from airlock.credentials.accounts import require_active
-from airlock.credentials.tokens import Issued, TokenIssuer, quarantine_path, record_credential
+from airlock.credentials.tokens import Grant, TokenIssuer, quarantine_path, record_credential
 from airlock.db import schema
 from airlock.db.engine import is_sqlite, utcnow
 from airlock.db.fast import Fast
@@ -262,22 +262,50 @@ def lease_tasks(
     return Leasing(leases)
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """A lease of the native API with what its reply needs: the upload credential (recorded, not yet
+    signed) and its inputs' size and checksums."""
+
+    lease: Lease
+    upload: Grant
+    inputs: list[tuple[str, Any]]  # (name, the input's digest row)
+
+
+@dataclass(frozen=True)
+class WorkGrant:
+    """What a work request's transaction decided. `work_reply` turns it into the reply once it is
+    committed: the upload tokens are signed then, outside the transaction (and SQLite's writer turn)."""
+
+    assignments: list[Assignment]
+    refusal: WorkReply | None = None
+
+
 def request_work(
     conn: Connection, settings: Settings, issuer: TokenIssuer, volunteer_id: int, req: WorkRequest
-) -> WorkReply:
-    """The native API's work request: leases, each with its inputs' addresses and an upload token."""
+) -> WorkGrant:
+    """The native API's work request (the transaction): leases, each with its upload credential
+    recorded and its inputs looked up. `work_reply` makes the reply."""
     leasing = lease_tasks(conn, settings, volunteer_id, req)
     if leasing.refusal is not None:
-        return leasing.refusal
-    assignments = [_assignment(conn, settings, issuer, volunteer_id, lease) for lease in leasing.leases]
+        return WorkGrant([], leasing.refusal)
+    return WorkGrant([_assignment(conn, settings, issuer, volunteer_id, lease) for lease in leasing.leases])
+
+
+def work_reply(settings: Settings, issuer: TokenIssuer, grant: WorkGrant) -> WorkReply:
+    """The reply to a committed work request: each task with its inputs' addresses and a signed upload
+    token (no database access)."""
+    if grant.refusal is not None:
+        return grant.refusal
+    tasks = [_task_assignment(settings, issuer, a) for a in grant.assignments]
     return WorkReply(
-        tasks=assignments,
-        retry_after_s=0 if assignments else settings.retry_after_s,
-        message=None if assignments else "no work for this host right now",
+        tasks=tasks,
+        retry_after_s=0 if tasks else settings.retry_after_s,
+        message=None if tasks else "no work for this host right now",
     )
 
 
-def issue_upload_token(
+def grant_upload_token(
     conn: Connection,
     settings: Settings,
     issuer: TokenIssuer,
@@ -285,11 +313,12 @@ def issue_upload_token(
     task_id: int,
     now: datetime,
     deadline: datetime,
-) -> Issued:
-    """The task's upload credential: `storage.create` on its own quarantine path only, for
-    `upload_token_ttl_s` at most and never past the deadline (heartbeats hand out fresh ones)."""
+) -> Grant:
+    """The task's upload credential, recorded (`issuer.sign` makes the token once committed):
+    `storage.create` on its own quarantine path only, for `upload_token_ttl_s` at most and never past
+    the deadline (heartbeats hand out fresh ones)."""
     ttl = min(deadline - now, timedelta(seconds=settings.upload_token_ttl_s))
-    upload = issuer.issue(
+    upload = issuer.grant(
         volunteer_id, [f"storage.create:{quarantine_path(volunteer_id, task_id)}"], now, ttl
     )
     record_credential(conn, upload, "upload", volunteer_id, task_id)
@@ -298,34 +327,33 @@ def issue_upload_token(
 
 def _assignment(
     conn: Connection, settings: Settings, issuer: TokenIssuer, volunteer_id: int, lease: Lease
-) -> TaskAssignment:
-    spec = lease.spec
-    base = settings.public_url
-    path = quarantine_path(volunteer_id, lease.task_id)
-    upload = issue_upload_token(
+) -> Assignment:
+    upload = grant_upload_token(
         conn, settings, issuer, volunteer_id, lease.task_id, lease.leased_at, lease.deadline
     )
-    inputs = []
-    if spec["inputs"]:
-        digests = {i["sha256"]: _input_digest(conn, i["sha256"]) for i in spec["inputs"]}
-        for inp in spec["inputs"]:
-            d = digests[inp["sha256"]]
-            inputs.append(
-                InputRef(
-                    name=inp["name"],
-                    url=f"{base}/api/v1/inputs/{d.sha256}",
-                    size=d.size,
-                    adler32=d.adler32,
-                    sha256=d.sha256,
-                )
-            )
+    inputs = [(i["name"], _input_digest(conn, i["sha256"])) for i in lease.spec["inputs"]]
+    return Assignment(lease, upload, inputs)
+
+
+def _task_assignment(settings: Settings, issuer: TokenIssuer, assignment: Assignment) -> TaskAssignment:
+    lease, spec, base = assignment.lease, assignment.lease.spec, settings.public_url
+    path = quarantine_path(assignment.upload.volunteer_id, lease.task_id)
     return TaskAssignment(
         task_id=lease.task_id,
         job_id=lease.job_id,
         app=lease.app,
         command=spec["command"],
         env=spec.get("env") or {},
-        inputs=inputs,
+        inputs=[
+            InputRef(
+                name=name,
+                url=f"{base}/api/v1/inputs/{d.sha256}",
+                size=d.size,
+                adler32=d.adler32,
+                sha256=d.sha256,
+            )
+            for name, d in assignment.inputs
+        ],
         outputs=[
             OutputRef(
                 name=o["name"],
@@ -338,5 +366,5 @@ def _assignment(
         lease_expires_at=lease.lease_expires_at,
         deadline=lease.deadline,
         heartbeat_interval_s=settings.heartbeat_interval_s,
-        upload_token=upload.token,
+        upload_token=issuer.sign(assignment.upload).token,
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, or_, select, update
@@ -13,12 +14,12 @@ from airlock.core.errors import Forbidden, Gone, NotFound
 from airlock.core.schemas import HeartbeatReply
 from airlock.core.states import TaskState
 from airlock.credentials.accounts import require_active
-from airlock.credentials.tokens import TokenIssuer
+from airlock.credentials.tokens import Grant, TokenIssuer
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.fast import Fast
 from airlock.db.transitions import transition
-from airlock.scheduler.dispatch import issue_upload_token
+from airlock.scheduler.dispatch import grant_upload_token
 from airlock.scheduler.quota import record_outcome
 from airlock.scheduler.replication import settle_job
 
@@ -54,6 +55,16 @@ def lease_is_live(task: Any, now: Any) -> bool:
     return bool(task.state == TaskState.LEASED.value and task.lease_expires_at > now and task.deadline > now)
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """What a heartbeat's transaction decided; `heartbeat_reply` makes the reply once it is committed
+    (a fresh upload token is signed then, outside the transaction)."""
+
+    lease_expires_at: datetime
+    abort: bool
+    upload: Grant | None = None
+
+
 def heartbeat(
     conn: Connection,
     settings: Settings,
@@ -61,14 +72,14 @@ def heartbeat(
     host_id: int,
     task_id: int,
     issuer: TokenIssuer | None = None,
-) -> HeartbeatReply:
-    """Renew the lease (never past the deadline) and, given the issuer, hand out a fresh upload token:
+) -> Renewal:
+    """Renew the lease (never past the deadline) and, given the issuer, grant a fresh upload token:
     upload tokens live minutes, so a long task uploads with the one from its latest heartbeat."""
     require_active(conn, volunteer_id)
     task = own_task(conn, volunteer_id, host_id, task_id)
     now = utcnow()
     if task.state == TaskState.ABORTED.value:
-        return HeartbeatReply(lease_expires_at=now, abort=True)
+        return Renewal(now, abort=True)
     if not lease_is_live(task, now):
         raise Gone(f"task {task_id} is no longer leased to this host ({task.state}); drop it")
     new_expiry = min(now + timedelta(seconds=settings.lease_s), task.deadline)
@@ -78,10 +89,17 @@ def heartbeat(
     upload = (
         None
         if issuer is None
-        else issue_upload_token(conn, settings, issuer, volunteer_id, task_id, now, task.deadline)
+        else grant_upload_token(conn, settings, issuer, volunteer_id, task_id, now, task.deadline)
     )
+    return Renewal(new_expiry, abort=False, upload=upload)
+
+
+def heartbeat_reply(issuer: TokenIssuer, renewal: Renewal) -> HeartbeatReply:
+    """The reply to a committed heartbeat, with the fresh upload token signed."""
     return HeartbeatReply(
-        lease_expires_at=new_expiry, abort=False, upload_token=upload.token if upload else None
+        lease_expires_at=renewal.lease_expires_at,
+        abort=renewal.abort,
+        upload_token=issuer.sign(renewal.upload).token if renewal.upload is not None else None,
     )
 
 
