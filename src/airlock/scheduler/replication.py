@@ -38,9 +38,18 @@ _TASKS = Fast(
 )
 
 
-def settle_job(conn: Connection, job_id: int, actor: str, *, max_quota: int | None = None) -> str:
-    """Bring a job's state in line with its tasks, in the caller's transaction. Returns the job state."""
-    job = _JOB.one(conn, {"id": job_id})
+def job_row(conn: Connection, job_id: int) -> Any:
+    """What `settle_job` reads of a job: state, quorum, attempts, max_attempts, canonical_task_id."""
+    return _JOB.one(conn, {"id": job_id})
+
+
+def settle_job(
+    conn: Connection, job_id: int, actor: str, *, max_quota: int | None = None, job: Any = None
+) -> str:
+    """Bring a job's state in line with its tasks, in the caller's transaction. Returns the job state.
+    `job` is its `job_row`, when the caller read it in this transaction and changed nothing of it since."""
+    if job is None:
+        job = job_row(conn, job_id)
     if job.state in JOB_FINAL or job.state == JobState.ASSIMILATING.value:
         return str(job.state)
     tasks = _TASKS.rows(conn, {"id": job_id})

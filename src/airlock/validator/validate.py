@@ -26,7 +26,7 @@ from airlock.db.fast import Fast, savepoint
 from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event, transition
 from airlock.scheduler.quota import record_outcome
-from airlock.scheduler.replication import settle_job
+from airlock.scheduler.replication import job_row, settle_job
 from airlock.storage.base import DigestMismatch, Storage
 from airlock.storage.xrootd import XRootDStorage
 from airlock.validator.apps import InvalidResult, Output, validator_for
@@ -50,10 +50,6 @@ class Verdict:
 # ms either way.
 BATCH = 50
 
-# What recording a verdict needs of its job, read again inside the write transaction
-_JOB_NOW = Fast(
-    select(schema.jobs.c.state, schema.jobs.c.canonical_task_id).where(schema.jobs.c.id == bindparam("id"))
-)
 _AGREEMENT = Fast(select(schema.tasks.c.agreement).where(schema.tasks.c.id == bindparam("id")))
 
 
@@ -124,7 +120,8 @@ def _apply(conn: Connection, task: Any, job: Any, verdict: Verdict, settings: Se
         return False  # another validator got there first
     if task.host_id is not None:
         record_outcome(conn, task.host_id, state.value, settings.daily_quota_per_core)
-    settle_job(conn, task.job_id, ACTOR, max_quota=settings.daily_quota_per_core)
+    # the job row read in this transaction is still current: a verdict changes only its task and host
+    settle_job(conn, task.job_id, ACTOR, max_quota=settings.daily_quota_per_core, job=job)
     return True
 
 
@@ -230,8 +227,8 @@ def validate_pending(engine: Engine, quarantine: Storage, settings: Settings, *,
         with engine.begin() as conn:
             for task, verdict in verdicts[i : i + BATCH]:
                 try:
-                    with savepoint(conn):
-                        current = _JOB_NOW.one(conn, {"id": task.job_id})
+                    with savepoint(conn):  # what recording it needs of its job, read again in here
+                        current = job_row(conn, task.job_id)
                         applied = _apply(conn, task, current, verdict, settings)
                 except Exception:
                     log.exception("recording the verdict on task %s failed; will retry", task.id)
