@@ -6,21 +6,54 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
-from airlock.core.errors import BadInput, Conflict, Forbidden, Gone
+from airlock.core.errors import BadInput, Conflict, Forbidden, Gone, NotFound, Unauthorized
 from airlock.core.schemas import ReportAccepted, TaskReport
-from airlock.core.states import TaskState
-from airlock.credentials.accounts import require_active
+from airlock.core.states import TaskState, VolunteerState
 from airlock.db import schema
 from airlock.db.engine import utcnow
 from airlock.db.fast import Fast
 from airlock.db.transitions import transition
-from airlock.scheduler.leases import lease_is_live, own_task
+from airlock.scheduler.leases import lease_is_live
 from airlock.scheduler.replication import settle_reported
 
 _DONE = {TaskState.REPORTED.value, TaskState.VALID.value, TaskState.INVALID.value, TaskState.ERROR.value}
 
 
 _JOB_SPEC = Fast(select(schema.jobs.c.spec).where(schema.jobs.c.id == bindparam("id")))
+_T, _V, _J = schema.tasks, schema.volunteers, schema.jobs
+# the volunteer's state, the task and its job's spec: one statement for what a report checks first
+_REPORTER_AND_TASK = Fast(
+    select(
+        _V.c.state.label("volunteer_state"),
+        _T.c.id,
+        _T.c.job_id,
+        _T.c.state,
+        _T.c.volunteer_id,
+        _T.c.host_id,
+        _T.c.lease_expires_at,
+        _T.c.deadline,
+        _J.c.spec,
+    )
+    .select_from(_V.outerjoin(_T, _T.c.id == bindparam("task")).outerjoin(_J, _J.c.id == _T.c.job_id))
+    .where(_V.c.id == bindparam("volunteer"))
+)
+
+
+def _reporter_and_task(conn: Connection, volunteer_id: int, host_id: int, task_id: int) -> Any:
+    """`require_active` and `own_task` in one statement (the same refusals, in the same order); the
+    row also carries the job's spec."""
+    row = _REPORTER_AND_TASK.one_or_none(conn, {"volunteer": volunteer_id, "task": task_id})
+    if row is None:
+        raise Unauthorized("unknown volunteer")
+    if row.volunteer_state != VolunteerState.ACTIVE.value:
+        raise Forbidden("this volunteer account is blocked")
+    if row.id is None:
+        raise NotFound(f"no task {task_id}")
+    if row.volunteer_id != volunteer_id:
+        raise Forbidden(f"task {task_id} is not assigned to you")
+    if row.host_id != host_id:
+        raise Forbidden(f"task {task_id} is assigned to another of your hosts")
+    return row
 
 
 def report_task(
@@ -31,10 +64,12 @@ def report_task(
     `own_task` returns, when the caller already fetched it in this transaction after checking that the
     volunteer is active (the BOINC scheduler does both for the whole RPC)."""
     if task is None:
-        require_active(conn, volunteer_id)
-        task = own_task(conn, volunteer_id, report.host_id, task_id)
+        task = _reporter_and_task(conn, volunteer_id, report.host_id, task_id)
+        spec = task.spec
     elif (task.id, task.volunteer_id, task.host_id) != (task_id, volunteer_id, report.host_id):
         raise Forbidden(f"task {task_id} is not assigned to this host")
+    else:
+        spec = None
     now = utcnow()
     if task.state in _DONE:
         raise Conflict(f"task {task_id} was already reported")
@@ -42,7 +77,8 @@ def report_task(
         raise Gone(f"task {task_id} was aborted (its job was cancelled or finished)")
     if not lease_is_live(task, now):
         raise Gone(f"the lease on task {task_id} has expired; the task was given to another host")
-    spec = _JOB_SPEC.one(conn, {"id": task.job_id}).spec
+    if spec is None:
+        spec = _JOB_SPEC.one(conn, {"id": task.job_id}).spec
     declared = {o["name"] for o in spec["outputs"]}
     names = [o.name for o in report.outputs]
     unknown = sorted(set(names) - declared)
