@@ -7,13 +7,14 @@ path (never read, list, overwrite or delete); bad input gets a clear 4xx and cha
 from __future__ import annotations
 
 import hashlib
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 
-from airlock.bridge.quarantine import output_key
+from airlock.bridge.quarantine import UploadTarget, output_key, record_upload
 from airlock.core.checksums import digest_bytes, format_digest_header, sha256_to_b64
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
@@ -197,6 +198,32 @@ def test_a_file_whose_row_was_lost_is_recorded_by_the_retry(api: Api) -> None:
     (row,) = output_rows(api, t["task_id"])
     assert (row.volunteer_id, row.host_id, row.sha256) == (v.id, v.host_id, digest_bytes(data).sha256)
     assert task_dir_files(api, v, t) == ["out.txt"]
+
+
+def test_two_transactions_recording_one_upload_at_once_make_one_row(api: Api) -> None:
+    """A retry that reaches a second gateway process while the first still records the same file: the
+    second transaction waits for the first (PostgreSQL's row lock, SQLite's writer turn), then records
+    nothing and says so, with no error."""
+    v, t = one_task(api)
+    with read(api.gw.engine) as conn:
+        task = conn.execute(select(schema.tasks).where(schema.tasks.c.id == t["task_id"])).one()
+    target = UploadTarget(v.id, task.id, "out.txt", task.job_id, v.host_id, 1000)
+    d = digest_bytes(b"both at once\n")
+    second: list[bool] = []
+    with api.gw.engine.begin() as first:
+        assert record_upload(first, target, d, None)
+
+        def record_again() -> None:
+            with api.gw.engine.begin() as conn:
+                second.append(record_upload(conn, target, d, None))
+
+        racer = threading.Thread(target=record_again)
+        racer.start()
+        racer.join(0.5)
+        assert racer.is_alive() and second == []  # waiting for the first transaction
+    racer.join(30)
+    assert second == [False]
+    assert len(output_rows(api, t["task_id"])) == 1
 
 
 def test_undeclared_name_is_forbidden_and_creates_nothing(api: Api) -> None:

@@ -12,9 +12,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, bindparam, select, text, update
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite
 from starlette.concurrency import run_in_threadpool
 
 from airlock.core.checksums import Digest, parse_digest_header
@@ -26,7 +28,6 @@ from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
 from airlock.db.engine import hot_begin, hot_read, run_read, run_write, utcnow, writer_gate
 from airlock.db.fast import Fast, bound
-from airlock.db.schema import file_kind
 from airlock.db.transitions import record_event
 from airlock.scheduler.leases import lease_is_live
 from airlock.storage.base import AlreadyExists, Storage
@@ -137,33 +138,36 @@ def authorise_upload(
 
 
 _F = schema.files
-_OUTPUT_RECORDED = Fast(
-    select(_F.c.id).where(
-        file_kind("output"), _F.c.task_id == bindparam("task_id"), _F.c.name == bindparam("name")
+
+
+def _insert_output_once(dialect_insert: Any) -> Fast:
+    """The quarantined file's row, unless the task has one of that name (its id, or None): one statement
+    where a lookup and an insert were two, and a concurrent retry on PostgreSQL waits for the first and
+    inserts nothing."""
+    return Fast(
+        dialect_insert(_F)
+        .values(
+            kind="output",
+            state=FileState.QUARANTINED.value,
+            **bound(_F, "name", "size", "adler32", "sha256", "location", "job_id", "task_id"),
+            **bound(_F, "volunteer_id", "host_id", "created_at"),
+        )
+        .on_conflict_do_nothing(  # the partial unique index uq_files_output_task_name
+            index_elements=[_F.c.task_id, _F.c.name], index_where=text("kind = 'output'")
+        )
+        .returning(_F.c.id)
     )
-)
-_INSERT_OUTPUT = Fast(
-    insert(_F)
-    .values(
-        kind="output",
-        state=FileState.QUARANTINED.value,
-        **bound(_F, "name", "size", "adler32", "sha256", "location", "job_id", "task_id"),
-        **bound(_F, "volunteer_id", "host_id", "created_at"),
-    )
-    .returning(_F.c.id)
-)
+
+
+_INSERT_OUTPUT = {"sqlite": _insert_output_once(sqlite.insert), "postgresql": _insert_output_once(pg.insert)}
 _UPLOAD_RATE = Fast(
     update(schema.hosts).where(schema.hosts.c.id == bindparam("host")).values(upload_rate=bindparam("rate"))
 )
 
 
 def record_upload(conn: Connection, target: UploadTarget, digest: Digest, rate: float | None) -> bool:
-    """Insert the quarantined file's row; False if this exact file was recorded before (a retry).
-    (Two transactions recording the same file at once, which only PostgreSQL allows, make the second
-    fail on the unique index: `receive_upload` takes that as a retry too.)"""
-    if _OUTPUT_RECORDED.scalar(conn, {"task_id": target.task_id, "name": target.name}) is not None:
-        return False
-    fid = _INSERT_OUTPUT.scalar(
+    """Insert the quarantined file's row; False if this exact file was recorded before (a retry)."""
+    fid = _INSERT_OUTPUT[conn.dialect.name].scalar(
         conn,
         {
             "name": target.name,
@@ -178,6 +182,8 @@ def record_upload(conn: Connection, target: UploadTarget, digest: Digest, rate: 
             "created_at": utcnow(),
         },
     )
+    if fid is None:
+        return False
     if rate is not None:
         _UPLOAD_RATE.run(conn, {"host": target.host_id, "rate": rate})
     record_event(
@@ -254,11 +260,8 @@ async def receive_upload(
         return True
 
     def _record() -> bool:  # the row may be missing on a retry, if a crash came in between
-        try:
-            with hot_begin(engine) as conn:
-                return record_upload(conn, target, digest, rate)
-        except IntegrityError:  # recorded by a concurrent retry of the same upload (PostgreSQL)
-            return False
+        with hot_begin(engine) as conn:
+            return record_upload(conn, target, digest, rate)
 
     def _publish() -> bool:
         fresh = _link()
