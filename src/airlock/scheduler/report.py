@@ -6,54 +6,20 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
-from airlock.core.errors import BadInput, Conflict, Forbidden, Gone, NotFound, Unauthorized
+from airlock.core.errors import BadInput, Conflict, Forbidden, Gone
 from airlock.core.schemas import ReportAccepted, TaskReport
-from airlock.core.states import TaskState, VolunteerState
+from airlock.core.states import TaskState
 from airlock.db import schema
 from airlock.db.engine import utcnow
 from airlock.db.fast import Fast
 from airlock.db.transitions import transition
-from airlock.scheduler.leases import lease_is_live
+from airlock.scheduler.leases import active_volunteers_task, lease_is_live
 from airlock.scheduler.replication import settle_reported
 
 _DONE = {TaskState.REPORTED.value, TaskState.VALID.value, TaskState.INVALID.value, TaskState.ERROR.value}
 
 
 _JOB_SPEC = Fast(select(schema.jobs.c.spec).where(schema.jobs.c.id == bindparam("id")))
-_T, _V, _J = schema.tasks, schema.volunteers, schema.jobs
-# the volunteer's state, the task and its job's spec: one statement for what a report checks first
-_REPORTER_AND_TASK = Fast(
-    select(
-        _V.c.state.label("volunteer_state"),
-        _T.c.id,
-        _T.c.job_id,
-        _T.c.state,
-        _T.c.volunteer_id,
-        _T.c.host_id,
-        _T.c.lease_expires_at,
-        _T.c.deadline,
-        _J.c.spec,
-    )
-    .select_from(_V.outerjoin(_T, _T.c.id == bindparam("task")).outerjoin(_J, _J.c.id == _T.c.job_id))
-    .where(_V.c.id == bindparam("volunteer"))
-)
-
-
-def _reporter_and_task(conn: Connection, volunteer_id: int, host_id: int, task_id: int) -> Any:
-    """`require_active` and `own_task` in one statement (the same refusals, in the same order); the
-    row also carries the job's spec."""
-    row = _REPORTER_AND_TASK.one_or_none(conn, {"volunteer": volunteer_id, "task": task_id})
-    if row is None:
-        raise Unauthorized("unknown volunteer")
-    if row.volunteer_state != VolunteerState.ACTIVE.value:
-        raise Forbidden("this volunteer account is blocked")
-    if row.id is None:
-        raise NotFound(f"no task {task_id}")
-    if row.volunteer_id != volunteer_id:
-        raise Forbidden(f"task {task_id} is not assigned to you")
-    if row.host_id != host_id:
-        raise Forbidden(f"task {task_id} is assigned to another of your hosts")
-    return row
 
 
 def report_task(
@@ -64,7 +30,7 @@ def report_task(
     `own_task` returns, when the caller already fetched it in this transaction after checking that the
     volunteer is active (the BOINC scheduler does both for the whole RPC)."""
     if task is None:
-        task = _reporter_and_task(conn, volunteer_id, report.host_id, task_id)
+        task = active_volunteers_task(conn, volunteer_id, report.host_id, task_id, with_spec=True)
         spec = task.spec
     elif (task.id, task.volunteer_id, task.host_id) != (task_id, volunteer_id, report.host_id):
         raise Forbidden(f"task {task_id} is not assigned to this host")
