@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from airlock.boinc.apps import sign_app, wrapper_path
 from airlock.boinc.signing import generate_key, private_pem
-from airlock.credentials.tokens import COMPUTE_SCOPES
+from airlock.credentials.tokens import COMPUTE_SCOPES, Grant, Issued
 from airlock.db import schema
+from airlock.db.engine import read
 
 from .helpers import Api
 from .test_boinc_project import Client, acks, done, job_spec, messages, results_of
@@ -92,3 +94,28 @@ def test_another_hosts_pilot_is_aborted(vacuum: Api) -> None:
     bob.rpc(work=0)
     reply = bob.rpc(work=0, others=(pilot.findtext("name") or "",))
     assert [el.findtext("name") for el in reply.findall("result_abort")] == [pilot.findtext("name")]
+
+
+def test_the_pilots_token_is_signed_after_the_rpc_commits(
+    vacuum: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The access token in the preferences is signed once the RPC's transaction (which records its
+    credential) has committed: another connection already sees the row when it is signed."""
+    api = vacuum
+    api.submit(job_spec("j1"))
+    client = Client(api)
+    issuer = api.gw.issuer
+    seen: list[bool] = []
+    sign = issuer.sign
+
+    def signing(grant: Grant) -> Issued:
+        c = schema.credentials
+        with read(api.gw.engine) as conn:
+            kind = conn.execute(select(c.c.kind).where(c.c.jti == grant.jti)).scalar_one_or_none()
+        seen.append(kind == "access")
+        return sign(grant)
+
+    monkeypatch.setattr(issuer, "sign", signing)
+    token = prefs(client.rpc())["airlock_token"]
+    assert seen == [True]
+    assert issuer.verify(token).volunteer_id == client.volunteer_id

@@ -23,7 +23,7 @@ from airlock.boinc.protocol import (
     parse_scheduler_request,
 )
 from airlock.boinc.reply import Message, SchedulerReply, render_reply
-from airlock.boinc.scheduler import Rpc, handle_request
+from airlock.boinc.scheduler import Answer, Rpc, handle_request, signed_reply
 from airlock.boinc.upload import UploadHandler
 from airlock.context import Gateway
 from airlock.core.errors import NotFound, Unauthorized
@@ -69,9 +69,14 @@ def parse_rpc(gw: Gateway, body: bytes | None) -> SchedulerRequest | bytes:
         return render_reply(reply)
 
 
-def answer_rpc(gw: Gateway, req: SchedulerRequest) -> bytes:
-    """The scheduler reply to a request: its one transaction, then the XML."""
-    return render_reply(handle_request(gw.engine, Rpc(project(gw), gw.issuer, gw.inputs), req))
+def answer_rpc(gw: Gateway, req: SchedulerRequest) -> Answer:
+    """A scheduler request's one transaction (run by `run_write`); `rpc_reply` makes the reply."""
+    return handle_request(gw.engine, Rpc(project(gw), gw.issuer, gw.inputs), req)
+
+
+def rpc_reply(gw: Gateway, answer: Answer) -> bytes:
+    """The XML reply of a committed RPC (signed and rendered outside the transaction)."""
+    return render_reply(signed_reply(answer, gw.issuer))
 
 
 async def _body(request: Request, limit: int) -> bytes | None:
@@ -97,7 +102,8 @@ async def scheduler(request: Request) -> Response:
     req = parse_rpc(gw, await _body(request, MAX_REQUEST_BYTES))
     if isinstance(req, bytes):
         return Response(req, media_type=XML)
-    return Response(await run_write(gw.engine, lambda: answer_rpc(gw, req)), media_type=XML)
+    answer = await run_write(gw.engine, lambda: answer_rpc(gw, req))
+    return Response(rpc_reply(gw, answer), media_type=XML)
 
 
 @router.get("/download/{mac}/{sha256}", response_class=FileResponse)

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from airlock.api import errors
-from airlock.api.boinc import XML, answer_rpc, parse_rpc
+from airlock.api.boinc import XML, answer_rpc, parse_rpc, rpc_reply
 from airlock.api.volunteer import heartbeat_done, heartbeat_for, report_for, work_done, work_for
 from airlock.boinc.protocol import MAX_REQUEST_BYTES
 from airlock.bridge.quarantine import receive_upload
@@ -153,7 +153,8 @@ class HotRoutes:
             if isinstance(req, bytes):
                 reply = req
             else:
-                reply = await run_write(self.gw.engine, lambda: answer_rpc(self.gw, req))
+                answer = await run_write(self.gw.engine, lambda: answer_rpc(self.gw, req))
+                reply = rpc_reply(self.gw, answer)
             status, kind = 200, XML
         except Exception:
             log.exception("scheduler RPC failed")

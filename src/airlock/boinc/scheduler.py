@@ -32,7 +32,7 @@ from airlock.boinc.signing import file_md5_hex
 from airlock.core.errors import AirlockError
 from airlock.core.schemas import HostRegistration, OutputReport, TaskReport, WorkRequest
 from airlock.core.states import TaskState, VolunteerState
-from airlock.credentials.tokens import COMPUTE_SCOPES, TokenIssuer, record_credential
+from airlock.credentials.tokens import COMPUTE_SCOPES, Grant, TokenIssuer, record_credential
 from airlock.db import schema
 from airlock.db.engine import hot_begin, utcnow
 from airlock.db.fast import Fast
@@ -90,7 +90,26 @@ class Rpc:
     inputs: Storage
 
 
-def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> SchedulerReply:
+@dataclass
+class Answer:
+    """What an RPC's transaction decided: the reply, and the pilots' access token to sign into its
+    preferences once the transaction has committed (`signed_reply`)."""
+
+    reply: SchedulerReply
+    pilot_token: Grant | None = None
+
+
+def signed_reply(answer: Answer, issuer: TokenIssuer) -> SchedulerReply:
+    """The reply of a committed RPC, with the pilots' access token signed (outside the transaction:
+    an ES256 signature need not hold SQLite's writer turn)."""
+    if answer.pilot_token is not None:
+        prefs = answer.reply.project_specific or {}
+        answer.reply.project_specific = {**prefs, "airlock_token": issuer.sign(answer.pilot_token).token}
+    return answer.reply
+
+
+def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Answer:
+    """The RPC's one transaction (the reply still to be signed and rendered: `signed_reply`)."""
     settings = rpc.project.settings
     reply = SchedulerReply(
         project_name=settings.boinc_project_name,
@@ -99,6 +118,7 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
     )
     if not req.has_code_sign_key and rpc.project.code_sign_key:
         reply.code_sign_key = rpc.project.code_sign_key
+    pilot_token: Grant | None = None
     with hot_begin(engine) as conn:
         volunteer = _VOLUNTEER.one_or_none(conn, {"auth": req.authenticator})
         if volunteer is None:
@@ -111,7 +131,7 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
             )
             reply.request_delay = UNKNOWN_ACCOUNT_DELAY_S
             reply.code_sign_key = None
-            return reply
+            return Answer(reply)
         reply.userid, reply.user_name = volunteer.id, volunteer.name
         if volunteer.state != VolunteerState.ACTIVE.value:
             reply.messages.append(
@@ -120,7 +140,7 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
             reply.acks.extend(r.name for r in req.results)  # nothing is recorded from a blocked account
             reply.aborts.extend(req.other_results)
             reply.request_delay = UNKNOWN_ACCOUNT_DELAY_S
-            return reply
+            return Answer(reply)
         host = _host(conn, rpc, volunteer.id, req)
         host_id = reply.hostid = host.id
         now = utcnow()
@@ -131,10 +151,11 @@ def handle_request(engine: Engine, rpc: Rpc, req: SchedulerRequest) -> Scheduler
             if req.work_req_seconds > 0:
                 pilots += _send_pilots(conn, rpc, host_id, req, in_progress, now, reply)
             if pilots:
-                reply.project_specific = _pilot_credentials(conn, rpc, volunteer.id, now)
+                reply.project_specific = {"airlock_gateway": rpc.project.settings.public_url}
+                pilot_token = _pilot_credentials(conn, rpc, volunteer.id, now)
         elif req.work_req_seconds > 0:
             _send_work(conn, rpc, volunteer.id, host, req, in_progress, reply)
-    return reply
+    return Answer(reply, pilot_token)
 
 
 def _host(conn: Connection, rpc: Rpc, volunteer_id: int, req: SchedulerRequest) -> Any:
@@ -439,13 +460,14 @@ def _send_pilots(
     return slots
 
 
-def _pilot_credentials(conn: Connection, rpc: Rpc, volunteer_id: int, now: datetime) -> dict[str, str]:
-    """What a pilot's agent logs in with: the gateway's URL and a fresh access token of this volunteer
-    (compute scopes only, short-lived, recorded and revoked like any other). It reaches the client in
-    the project-specific preferences, which the client also rewrites in running pilots."""
+def _pilot_credentials(conn: Connection, rpc: Rpc, volunteer_id: int, now: datetime) -> Grant:
+    """What a pilot's agent logs in with, besides the gateway's URL: a fresh access token of this
+    volunteer (compute scopes only, short-lived, recorded and revoked like any other), recorded here and
+    signed once committed. It reaches the client in the project-specific preferences, which the client
+    also rewrites in running pilots."""
     settings = rpc.project.settings
-    issued = rpc.issuer.issue(
+    grant = rpc.issuer.grant(
         volunteer_id, list(COMPUTE_SCOPES), now, timedelta(seconds=settings.access_token_ttl_s)
     )
-    record_credential(conn, issued, "access", volunteer_id)
-    return {"airlock_gateway": settings.public_url, "airlock_token": issued.token}
+    record_credential(conn, grant, "access", volunteer_id)
+    return grant
