@@ -253,3 +253,52 @@ def test_a_kept_connection_whose_commit_failed_is_not_used_again(engine: Engine)
     insert(engine, 1)
     assert committed_rows(engine) == [1]
     assert committed_rows(engine, "child", "id") == []
+
+
+def test_a_group_that_waited_for_the_turn_runs_at_the_loop_s_next_pass(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose turn was taken (by another process) waits in a helper thread; once that thread has
+    the turn, the group runs in the loop's next pass over its ready callbacks, not after several: meanwhile
+    the turn is reserved and idle, and every other process waits for it."""
+    gate = writer_gate(engine)
+    assert gate is not None
+    reserve_blocking = gate._reserve_blocking
+    passes = 0
+    reserved_at: list[int] = []
+    ran_at: list[int] = []
+
+    def taken(owner: int) -> bool:
+        return False  # as if another process held the turn: the group waits in the helper thread
+
+    def reserve(owner: int) -> None:
+        reserve_blocking(owner)
+        reserved_at.append(passes)
+
+    monkeypatch.setattr(gate, "_try_reserve", taken)
+    monkeypatch.setattr(gate, "_reserve_blocking", reserve)
+
+    def work(n: int) -> None:
+        ran_at.append(passes)
+        insert(engine, n)
+
+    async def main() -> None:
+        nonlocal passes
+        running = True
+
+        async def ticker() -> None:  # one step a pass of the loop over its ready callbacks
+            nonlocal passes
+            while running:
+                passes += 1
+                await asyncio.sleep(0)
+
+        tick = asyncio.create_task(ticker())
+        for n in range(1, 6):
+            await run_write(engine, lambda n=n: work(n))
+        running = False
+        await tick
+
+    asyncio.run(main())
+    assert committed_rows(engine) == [1, 2, 3, 4, 5]
+    waits = [ran - reserved for reserved, ran in zip(reserved_at, ran_at, strict=True)]
+    assert min(waits) <= 2, f"passes of the loop between the reservation and the group's run: {waits}"

@@ -176,13 +176,10 @@ class WriterGate:
                 await queue.acquire()
             try:
                 await group.gather()
-                await self._reserve(loop)
-                try:
-                    self.active = group
-                    group.run(opener)  # begins with the reservation: the transaction holds the turn
-                finally:
-                    self.active = None
-                    self.unreserve()
+                if self._try_reserve(threading.get_ident()):
+                    self._run_reserved(group, opener)
+                else:
+                    await self._run_when_reserved(loop, group, opener)
             finally:
                 queue.release()
         except BaseException as exc:
@@ -193,30 +190,70 @@ class WriterGate:
             if self._groups.get(loop) is group:
                 del self._groups[loop]
 
+    def _run_reserved(self, group: CommitGroup, opener: Opener) -> None:
+        """Run a group with the turn reserved for this thread (its transaction begins with the
+        reservation, so it holds the turn), then give the turn back."""
+        try:
+            self.active = group
+            group.run(opener)
+        finally:
+            self.active = None
+            self.unreserve()
+
     def _queue(self, loop: asyncio.AbstractEventLoop) -> asyncio.Lock:
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = asyncio.Lock()
         return queue
 
-    async def _reserve(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Reserve the turn for the loop's thread, waiting in a helper thread if it is taken."""
+    async def _run_when_reserved(
+        self, loop: asyncio.AbstractEventLoop, group: CommitGroup, opener: Opener
+    ) -> None:
+        """Wait for the turn in a helper thread, which reserves it for the loop's thread and schedules
+        the group's run as a callback of the loop: the group runs the moment the loop gets to it. (Woken
+        through a future, its runner's task would resume only after the loop had gone round its ready
+        callbacks three more times, each a pass over the requests that came in meanwhile, while the turn,
+        reserved, stood idle and the other processes waited for it.)"""
         me = threading.get_ident()
-        if self._try_reserve(me):
-            return
+        ran: asyncio.Future[None] = loop.create_future()
+
+        def run() -> None:  # on the loop's thread, the turn reserved for it
+            if ran.done():  # the runner gave up waiting (cancelled): nobody uses the turn
+                self.unreserve()
+                return
+            try:
+                self._run_reserved(group, opener)
+            except BaseException as exc:
+                ran.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            ran.set_result(None)
+
+        def failed(exc: BaseException) -> None:
+            if not ran.done():
+                ran.set_exception(exc)
+
+        def wait() -> None:  # in the helper thread
+            try:
+                self._reserve_blocking(me)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(failed, exc)
+                return
+            try:
+                loop.call_soon_threadsafe(run)
+            except RuntimeError:  # the loop is closed: nobody will use the turn
+                self.unreserve(owner=me)
+
         if self._waiter is None:
             self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="airlock-turn")
-        waiting = loop.run_in_executor(self._waiter, self._reserve_blocking, me)
-        try:
-            await asyncio.shield(waiting)
-        except asyncio.CancelledError:  # the turn may still come: give it back on the loop then
-            waiting.add_done_callback(lambda _: loop.call_soon_threadsafe(self.unreserve))
-            raise
+        self._waiter.submit(wait)
+        await ran
 
-    def unreserve(self) -> None:
-        """Give back a reservation of the calling thread that no transaction used."""
+    def unreserve(self, owner: int | None = None) -> None:
+        """Give back a reservation of the calling thread (or of `owner`) that no transaction used."""
         with self._cond:
-            if self._state != "reserved" or self._for != threading.get_ident():
+            if self._state != "reserved" or self._for != (owner or threading.get_ident()):
                 return
             self._state = "held"
         self.end()
