@@ -108,3 +108,20 @@ def test_operator_workflow_from_the_readme(tmp_path: Path) -> None:
         str(tmp_path / "r.html"),
     )  # reading the database needs no operator token
     assert r.returncode == 0 and (tmp_path / "r.html").exists(), r.stdout + r.stderr
+
+
+def test_a_description_with_a_number_json_cannot_hold_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    """YAML has .inf and .nan, JSON (which carries a description to the gateway) has neither: the
+    command says where, and exits 1 without a traceback (the gateway named here does not even exist)."""
+    description = tmp_path / "jobs.yaml"
+    description.write_text(
+        "name: t\njobs:\n  - name: a\n    command: [x]\n    outputs: [{name: o, max_size: 10}]\n"
+        "    params: {cuts: [1.5, .nan]}\n"
+    )
+    r = airlock("submit", str(description), "--server", "http://127.0.0.1:9", "--token", "x")
+    assert r.returncode == 1, r.stderr
+    out = " ".join((r.stdout + r.stderr).split())  # rich folds long lines
+    assert "description.jobs.0.params.cuts.1 is not a number JSON can hold" in out
+    assert "Traceback" not in out

@@ -3,6 +3,7 @@ bad input gets a clear 4xx and changes nothing."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -296,6 +297,8 @@ def test_bad_job_descriptions_are_refused_with_the_reason_and_change_nothing(api
         (batch(job("a", command=[])), "command"),
         (batch(job("a", resources={"cores": 0})), "cores"),
         (batch(job("a", copies=0)), "copies"),
+        (batch(job("a", params={"events": float("inf")})), "params.events is not a number JSON can hold"),
+        (batch(job("a", params={"cuts": [1, {"pt": float("nan")}]})), "params.cuts.1.pt"),
         (batch(), "jobs"),
         ({"name": "bad"}, "jobs"),
         ({"jobs": [job("a")]}, "name"),
@@ -305,7 +308,7 @@ def test_bad_job_descriptions_are_refused_with_the_reason_and_change_nothing(api
     before = api.snapshot()
     files_before = sorted(p for p in api.gw.settings.storage_dir.rglob("*") if p.is_file())
     for body, fragment in cases:
-        r = submit_raw(api, body)
+        r = submit_raw(api, content=json.dumps(body).encode())  # (json.dumps writes Infinity and NaN)
         assert r.status_code in (400, 422), (fragment, r.status_code, r.text)
         assert_error(r, r.status_code, fragment)
         assert api.snapshot() == before, fragment

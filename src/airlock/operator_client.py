@@ -9,6 +9,7 @@ import httpx
 import yaml
 
 from airlock.core.errors import BadInput
+from airlock.core.schemas import non_finite_number
 
 
 class OperatorError(Exception):
@@ -67,6 +68,9 @@ def load_description(path: Path) -> dict[str, Any]:
         raise BadInput(f"{path}: not valid YAML/JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise BadInput(f"{path}: a job description is a mapping with 'name' and 'jobs'")
+    where = non_finite_number(doc, "description")
+    if where is not None:  # YAML has .inf and .nan; JSON, which carries it to the gateway, has neither
+        raise BadInput(f"{path}: {where} is not a number JSON can hold (infinite or NaN)")
     return doc
 
 

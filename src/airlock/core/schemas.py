@@ -6,7 +6,9 @@ not a silently ignored setting.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -118,6 +120,23 @@ class Resources(Strict):
     )
 
 
+def non_finite_number(value: Any, where: str) -> str | None:
+    """Where in `value` an infinite or NaN float is (JSON has none), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_number(item, f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
 class JobSpec(Strict):
     name: str = Field(min_length=1, max_length=200)
     app: str | None = Field(default=None, description="selects the app's validator check and comparator")
@@ -134,6 +153,14 @@ class JobSpec(Strict):
         default=86400, ge=10, le=10**8, description="report deadline of each task after its lease"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="app parameters, seen by the validator")
+
+    @field_validator("params")
+    @classmethod
+    def _json_numbers(cls, params: dict[str, Any]) -> dict[str, Any]:
+        where = non_finite_number(params, "params")
+        if where is not None:
+            raise ValueError(f"{where} is not a number JSON can hold (infinite or NaN)")
+        return params
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

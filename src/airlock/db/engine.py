@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio.to_thread
+import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.pool import QueuePool
 
@@ -408,9 +409,19 @@ DEFAULT_CONNECTIONS = 24  # PostgreSQL: a process's pool at most (Settings.datab
 FREE_CONNECTIONS = 8  # of them never kept by threads (hot_begin): the default thread pool's worth
 
 
+def json_dumps(value: Any) -> str:
+    """How JSON columns are written: orjson, about five times faster than the standard library for the
+    small documents a hot request writes (its audit events' details, a report's outputs), compact, and
+    with non-string keys written as strings as `json.dumps` does. (A job's parameters are refused at
+    submission if they hold a number JSON cannot: orjson would write null.)"""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def make_engine(url: str, *, connections: int = DEFAULT_CONNECTIONS, **kwargs: Any) -> Engine:
     """The engine of `url`. On PostgreSQL its pool opens `connections` at most (`airlock.db.budget`
-    checks what all the gateway's processes may open together against the server)."""
+    checks what all the gateway's processes may open together against the server). JSON columns are
+    written with `json_dumps` and read with orjson."""
+    kwargs = {"json_serializer": json_dumps, "json_deserializer": orjson.loads, **kwargs}
     if url.startswith("sqlite"):
         database = make_url(url).database or ""
         file_db = database not in ("", ":memory:") and not database.startswith("file:")
