@@ -217,3 +217,16 @@ def test_without_fsync_folders_are_made_and_nothing_is_synced(
     synced = _record_folder_syncs(monkeypatch, storage.root)
     asyncio.run(storage.receive("quarantine/7/8/out.txt", _chunks(b"data\n"), max_size=100)).publish()
     assert _everything(storage.root) == ["quarantine/7/8/out.txt"] and synced == []
+
+
+def test_a_folder_removed_between_receive_and_publish_is_made_again(storage: LocalStorage) -> None:
+    """An upload's unnamed file is opened in its folder, which is then taken to exist at publishing:
+    if it was removed meanwhile (an operator's cleanup), publishing makes it again."""
+    key = "quarantine/7/9.out.txt"
+    storage.path("quarantine/7").mkdir(parents=True)
+    pending = asyncio.run(storage.receive(key, _chunks(b"bytes\n"), max_size=100))
+    if storage.mode == "anonymous":  # type: ignore[attr-defined]
+        storage.path("quarantine/7").rmdir()  # (an unnamed file is in no folder's listing)
+    pending.publish()
+    assert storage.open_read(key).read() == b"bytes\n"
+    assert _everything(storage.root) == [key]

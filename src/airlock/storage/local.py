@@ -29,14 +29,17 @@ _fsync_dir = fsync_path  # a folder's entries (its own name, for tests to watch)
 
 def _anonymous_file(folder: Path) -> int | None:
     """An unnamed file in `folder` (O_TMPFILE), or None where the filesystem has none: nothing of it is
-    visible until it is linked to its name, and a crash before that leaves nothing behind to sweep."""
+    visible until it is linked to its name, and a crash before that leaves nothing behind to sweep.
+    FileNotFoundError if `folder` does not exist."""
     flag = getattr(os, "O_TMPFILE", 0)
     if not flag:
         return None
     try:
         return os.open(folder, flag | os.O_WRONLY, 0o600)
+    except FileNotFoundError:
+        raise  # no such folder (yet)
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return None
         raise
 
@@ -79,7 +82,8 @@ class PendingFile:
         """With fsync, this blocks: call it from a worker thread then, not the event loop."""
         assert self._fd is not None, "published or discarded already"
         final = self._final if key is None else self._storage.path(key)
-        self._storage._make_folder(final.parent)
+        if self._tmp is not None or key is not None:  # else it is open in its folder: that is there
+            self._storage._make_folder(final.parent)
         try:
             if self._storage.fsync:
                 os.fsync(self._fd)
@@ -87,13 +91,21 @@ class PendingFile:
                 self._storage._publish(self._tmp, final)  # links, removes the name, syncs the folder
                 return
             try:
-                _link_anonymous(self._fd, final)
-            except FileExistsError as exc:
-                raise AlreadyExists(f"{final.name} already exists") from exc
+                self._link(final)
+            except FileNotFoundError:  # its folder was removed meanwhile: make it again
+                self._storage._make_folder(final.parent)
+                self._link(final)
         finally:
             self.discard()
         if self._storage.fsync:
             _fsync_dir(final.parent)
+
+    def _link(self, final: Path) -> None:
+        assert self._fd is not None
+        try:
+            _link_anonymous(self._fd, final)
+        except FileExistsError as exc:
+            raise AlreadyExists(f"{final.name} already exists") from exc
 
     def discard(self) -> None:
         if self._fd is not None:
@@ -210,10 +222,15 @@ class LocalStorage:
 
     def _pending_file(self, key: str, final: Path) -> tuple[int, Path | None]:
         """The open file an upload to `final` is written into: unnamed where the filesystem allows, else
-        under a hidden temporary name (returned with it)."""
-        self._make_folder(final.parent)
-        fd, tmp = _anonymous_file(final.parent), None
+        under a hidden temporary name (returned with it). Its folder (a volunteer's, in the quarantine)
+        is usually there already: made only when opening a file in it finds none."""
+        try:
+            fd, tmp = _anonymous_file(final.parent), None
+        except FileNotFoundError:
+            self._make_folder(final.parent)
+            fd, tmp = _anonymous_file(final.parent), None
         if fd is None:
+            self._make_folder(final.parent)
             tmp = self._temp_for(key)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         return fd, tmp
