@@ -123,19 +123,33 @@ def transition(
     `values` are further columns written in the same UPDATE. `only_from` narrows the legal sources.
     The caller decides whether a False is an error (see `require_transition`).
     """
+    values = values or {}
+    entity, stmt = _transition_statement(target, only_from, tuple(values))
+    params = {"_id": object_id}
+    for k, v in values.items():
+        params[f"_v_{k}"] = v
+    if stmt.run(conn, params) != 1:
+        return False
+    record_event(conn, actor, action or f"{entity}.{target.value}", entity, object_id, detail)
+    return True
+
+
+@lru_cache(maxsize=512)
+def _transition_statement(
+    target: StrEnum, only_from: frozenset[StrEnum] | None, columns: tuple[str, ...]
+) -> tuple[str, Fast]:
+    """The entity and the statement of a transition to `target` (from its legal sources, narrowed to
+    `only_from`) that also writes `columns`: worked out once per shape, a transition runs on every
+    dispatch, upload and report."""
     entity = _ENTITY[type(target)]
     legal = _MACHINES[entity][1].get(target, frozenset())
     if only_from is not None:
         legal = legal & only_from
     if not legal:
         raise IllegalTransition(f"{entity} can never enter state {target.value!r} this way")
-    values = values or {}
-    stmt = _statement(entity, target.value, tuple(sorted(s.value for s in legal)), tuple(sorted(values)))
-    params = {"_id": object_id, **{f"_v_{k}": v for k, v in values.items()}}
-    if stmt.run(conn, params) != 1:
-        return False
-    record_event(conn, actor, action or f"{entity}.{target.value}", entity, object_id, detail)
-    return True
+    return entity, _statement(
+        entity, target.value, tuple(sorted(s.value for s in legal)), tuple(sorted(columns))
+    )
 
 
 def require_transition(conn: Connection, target: StrEnum, object_id: int, actor: str, **kw: Any) -> None:
