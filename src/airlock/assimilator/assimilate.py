@@ -27,9 +27,8 @@ from airlock.core.faults import crash_point
 from airlock.core.states import FileState, JobState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
-from airlock.db.fast import Fast, bound
 from airlock.db.schema import file_kind
-from airlock.db.transitions import transition
+from airlock.db.transitions import transition_many
 from airlock.scheduler.replication import finish_values, revoke_result
 from airlock.storage.base import DeferredSyncs, DigestMismatch, Storage
 from airlock.storage.xrootd import XRootDStorage
@@ -45,17 +44,6 @@ def trusted_key(batch_id: int, job_id: int, name: str) -> str:
 IO_THREADS = 4  # copies or deletions of one batch at once (more cost CPU and gained nothing here)
 _IO = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="airlock-assimilate-io")  # threads start on use
 
-
-_F = schema.files
-# a trusted file's row with its provenance (the statement compiled once: see `airlock.db.fast`)
-_INSERT_TRUSTED = Fast(
-    insert(_F).values(
-        kind="trusted",
-        state=FileState.TRUSTED.value,
-        **bound(_F, "name", "size", "adler32", "sha256", "location", "job_id", "task_id"),
-        **bound(_F, "volunteer_id", "host_id", "created_at"),
-    )
-)
 
 BATCH = 100  # jobs per write transaction (one writer turn each; see the validator's BATCH for why this many)
 
@@ -109,55 +97,52 @@ def _assimilate_batch(
     crash_point("assimilate.after_syncs")
 
     now = utcnow()
-    finished: list[tuple[Any, str]] = []
-    done: list[tuple[int, int]] = []
+    provenance = {
+        job.id: {
+            "canonical_task": task.id,
+            "volunteer_id": task.volunteer_id,
+            "host_id": task.host_id,
+            "files": [
+                {"name": o.name, "sha256": o.sha256, "adler32": o.adler32, "size": o.size} for o, _ in copied
+            ],
+        }
+        for job, task, copied in ready
+    }
     with engine.begin() as conn:
-        for job, task, copied in ready:
-            if not transition(
-                conn,
-                JobState.DONE,
-                job.id,
-                ACTOR,
-                values=finish_values(),
-                detail={
-                    "canonical_task": task.id,
-                    "volunteer_id": task.volunteer_id,
-                    "host_id": task.host_id,
-                    "files": [
-                        {"name": o.name, "sha256": o.sha256, "adler32": o.adler32, "size": o.size}
-                        for o, _ in copied
-                    ],
-                },
-            ):
-                continue  # another assimilator finished it
-            for out, key in copied:
-                _INSERT_TRUSTED.run(
-                    conn,
-                    {
-                        "name": out.name,
-                        "size": out.size,
-                        "adler32": out.adler32,
-                        "sha256": out.sha256,
-                        "location": key,
-                        "job_id": job.id,
-                        "task_id": task.id,
-                        "volunteer_id": task.volunteer_id,
-                        "host_id": task.host_id,
-                        "created_at": now,
-                    },
-                )
-            finished.extend(copied)
-            done.append((job.id, len(copied)))
+        # one statement moves the batch's jobs to done (not those another assimilator finished)
+        moved = set(transition_many(conn, JobState.DONE, provenance, ACTOR, values=finish_values()))
+        finished = [(job, task, copied) for job, task, copied in ready if job.id in moved]
+        trusted_rows = [
+            {
+                "kind": "trusted",
+                "state": FileState.TRUSTED.value,
+                "name": out.name,
+                "size": out.size,
+                "adler32": out.adler32,
+                "sha256": out.sha256,
+                "location": key,
+                "job_id": job.id,
+                "task_id": task.id,
+                "volunteer_id": task.volunteer_id,
+                "host_id": task.host_id,
+                "created_at": now,
+            }
+            for job, task, copied in finished
+            for out, key in copied
+        ]
+        if trusted_rows:
+            conn.execute(insert(schema.files), trusted_rows)
         _mark_deleted(conn, removed)
         crash_point("assimilate.before_commit")
     crash_point("assimilate.after_commit")
-    if done:  # one line a batch (each job's outputs are also in its audit event)
+    if finished:  # one line a batch (each job's outputs are also in its audit event)
         log.info(
-            "jobs done, outputs in trusted storage: %s", ", ".join(f"{job_id} ({n})" for job_id, n in done)
+            "jobs done, outputs in trusted storage: %s",
+            ", ".join(f"{job.id} ({len(copied)})" for job, _task, copied in finished),
         )
-    gone = [out for out, _ in finished]
+    gone = [out for _job, _task, copied in finished for out, _key in copied]
     list(_IO.map(lambda out: quarantine.delete(out.location), gone))  # step 3; an error goes on from here
-    return len(done), gone
+    return len(finished), gone
 
 
 def _copy_outputs(
@@ -210,8 +195,7 @@ def _copy_to_trusted(
 
 def _mark_deleted(conn: Connection, files: list[Any]) -> None:
     """Record quarantined copies of assimilated outputs as deleted (they are gone from the quarantine)."""
-    for out in files:
-        transition(conn, FileState.DELETED, out.id, ACTOR, detail={"reason": "assimilated"})
+    transition_many(conn, FileState.DELETED, {out.id: {"reason": "assimilated"} for out in files}, ACTOR)
 
 
 def _record_deleted(engine: Engine, files: list[Any]) -> None:

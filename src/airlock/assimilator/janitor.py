@@ -18,7 +18,7 @@ from airlock.core.states import JOB_FINAL, FileState, TaskState
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
 from airlock.db.schema import file_kind
-from airlock.db.transitions import transition
+from airlock.db.transitions import transition_many
 from airlock.storage.base import Storage
 
 log = logging.getLogger("airlock.janitor")
@@ -58,8 +58,8 @@ def sweep_quarantine(
         for _fid, location in chunk:
             quarantine.delete(location)
         with engine.begin() as conn:
-            for fid, _location in chunk:
-                transition(conn, FileState.DELETED, fid, ACTOR, detail={"reason": "retention over"})
+            reason = {"reason": "retention over"}
+            transition_many(conn, FileState.DELETED, {fid: reason for fid, _location in chunk}, ACTOR)
     partials = quarantine.sweep_partials("quarantine", PARTIAL_MAX_AGE_S)
     if trusted is not None:
         partials += trusted.sweep_partials("trusted", PARTIAL_MAX_AGE_S)
