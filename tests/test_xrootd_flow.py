@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,17 @@ def run_task(
     return int(t["task_id"])
 
 
+def validate(api: XApi, passes: int = 5) -> None:
+    """Validator passes until no task waits for a verdict. A task whose files the storage failed to
+    serve is left for the next pass (seen once here under load: a GET answered 404 just after a checksum
+    query found the file); the tests need its verdict, not the first pass's luck."""
+    for _ in range(passes):
+        validate_pending(api.gw.engine, api.gw.quarantine, api.gw.settings)
+        if api.count(schema.tasks, schema.tasks.c.state == "reported") == 0:
+            return
+        time.sleep(0.5)
+
+
 def task_state(api: XApi, task_id: int) -> Any:
     with read(api.gw.engine) as conn:
         return conn.execute(select(schema.tasks).where(schema.tasks.c.id == task_id)).one()
@@ -160,7 +172,7 @@ def test_lying_or_oversized_direct_uploads_are_invalid(xapi: XApi) -> None:
     assert v.report(t, 0, {"out.txt": b"other 1\n"}).status_code == 200
     lied = int(t["task_id"])
     big = run_task(xapi, v, {"out.txt": b"x" * 1000})
-    validate_pending(xapi.gw.engine, xapi.gw.quarantine, xapi.gw.settings)
+    validate(xapi)
     assert task_state(xapi, lied).state == "invalid"
     assert "checksums differ" in task_state(xapi, lied).verdict
     assert task_state(xapi, big).state == "invalid"
@@ -204,7 +216,7 @@ def test_assimilator_killed_at_any_point_copies_to_xrootd_once(xapi: XApi, crash
     )["jobs"]
     v = xapi.volunteer()
     run_task(xapi, v, {"out.txt": b"the result\n", "log.txt": b"the log\n"})
-    validate_pending(xapi.gw.engine, xapi.gw.quarantine, xapi.gw.settings)
+    validate(xapi)
     assert xapi.job(jid)["state"] == "assimilating"
 
     crashed = _worker_once(xapi.gw.settings, crash_at)
@@ -268,7 +280,7 @@ def test_a_quarantined_file_changed_on_the_server_after_validation_never_reaches
     (jid,) = xapi.submit(job("a", outputs=[{"name": "out.txt", "max_size": 100}]))["jobs"]
     v = xapi.volunteer()
     tid = run_task(xapi, v, {"out.txt": b"the result\n"})
-    validate_pending(xapi.gw.engine, xapi.gw.quarantine, xapi.gw.settings)
+    validate(xapi)
     assert xapi.job(jid)["state"] == "assimilating"
     on_disk = xapi.server.data_root / "quarantine" / str(v.id) / str(tid) / "out.txt"
     on_disk.write_bytes(b"the resulT\n")  # same size, behind the gateway's back
