@@ -7,10 +7,10 @@ import pytest
 from sqlalchemy import select
 
 from airlock.core.errors import IllegalTransition
-from airlock.core.states import JobState
+from airlock.core.states import JobState, UpstreamJobState
 from airlock.db import schema
 from airlock.db.engine import read
-from airlock.db.transitions import transition, transition_many
+from airlock.db.transitions import _legal, _transition_statement, transition, transition_many
 
 from .helpers import Api, job
 
@@ -50,3 +50,18 @@ def test_a_target_no_state_leads_to_is_refused(api: Api) -> None:
     (a,) = api.submit(job("a"))["jobs"]
     with api.gw.engine.begin() as conn, pytest.raises(IllegalTransition, match="never enter"):
         transition_many(conn, JobState.QUEUED, {a: None}, "test")
+
+
+def test_states_of_two_machines_that_share_a_name_keep_their_own_statements(api: Api) -> None:
+    """JobState.DONE and UpstreamJobState.DONE are equal strings: the statements cached per transition
+    shape must still be each machine's own (a job's statement used for an upstream job failed on a
+    column jobs do not have, in whichever order the process met them first)."""
+    clear = (_legal.cache_clear, _transition_statement.cache_clear)
+    for first, second in [(JobState.DONE, UpstreamJobState.DONE), (UpstreamJobState.DONE, JobState.DONE)]:
+        for c in clear:
+            c()
+        with api.gw.engine.begin() as conn:
+            for target in (first, second):
+                values = {"error": None} if isinstance(target, UpstreamJobState) else {"reason": None}
+                assert not transition(conn, target, 999_999, "test", values=values)  # no such row
+                assert not transition_many(conn, target, {999_999: None}, "test", values=values)

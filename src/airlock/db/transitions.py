@@ -124,7 +124,7 @@ def transition(
     The caller decides whether a False is an error (see `require_transition`).
     """
     values = values or {}
-    entity, stmt = _transition_statement(target, only_from, tuple(values))
+    entity, stmt = _transition_statement(type(target), target, only_from, tuple(values))
     params = {"_id": object_id}
     for k, v in values.items():
         params[f"_v_{k}"] = v
@@ -134,9 +134,14 @@ def transition(
     return True
 
 
+# The caches below take the state's class as an argument of its own: members of two machines' enums
+# that share a name (JobState.DONE, UpstreamJobState.DONE) are equal strings, and would share an entry.
 @lru_cache(maxsize=512)
-def _legal(target: StrEnum, only_from: frozenset[StrEnum] | None) -> tuple[str, tuple[str, ...]]:
-    """The entity of `target` and the states it may be entered from (narrowed to `only_from`)."""
+def _legal(
+    kind: type[StrEnum], target: StrEnum, only_from: frozenset[StrEnum] | None
+) -> tuple[str, tuple[str, ...]]:
+    """The entity of `target` (a state of `kind`) and the states it may be entered from (narrowed to
+    `only_from`)."""
     entity = _ENTITY[type(target)]
     legal = _MACHINES[entity][1].get(target, frozenset())
     if only_from is not None:
@@ -148,12 +153,12 @@ def _legal(target: StrEnum, only_from: frozenset[StrEnum] | None) -> tuple[str, 
 
 @lru_cache(maxsize=512)
 def _transition_statement(
-    target: StrEnum, only_from: frozenset[StrEnum] | None, columns: tuple[str, ...]
+    kind: type[StrEnum], target: StrEnum, only_from: frozenset[StrEnum] | None, columns: tuple[str, ...]
 ) -> tuple[str, Fast]:
     """The entity and the statement of a transition to `target` (from its legal sources, narrowed to
     `only_from`) that also writes `columns`: worked out once per shape, a transition runs on every
     dispatch, upload and report."""
-    entity, legal = _legal(target, only_from)
+    entity, legal = _legal(kind, target, only_from)
     return entity, _statement(entity, target.value, legal, tuple(sorted(columns)))
 
 
@@ -177,7 +182,7 @@ def transition_many(
     that moved, in the order given."""
     if not details:
         return []
-    entity, legal = _legal(target, only_from)
+    entity, legal = _legal(type(target), target, only_from)
     table = _MACHINES[entity][0]
     ids = list(details)
     moved: set[int] = set()
