@@ -39,6 +39,7 @@ from airlock.db.fast import Fast
 from airlock.db.schema import file_kind
 from airlock.generator.inputs import input_key
 from airlock.scheduler.dispatch import host_row, lease_tasks, register_host
+from airlock.scheduler.leases import LEASE_COLUMNS
 from airlock.scheduler.report import report_task
 from airlock.storage.base import Storage
 
@@ -51,18 +52,7 @@ INPUT_CACHE_ENTRIES = 100_000
 
 _V, _T, _J, _F, _H = schema.volunteers, schema.tasks, schema.jobs, schema.files, schema.hosts
 _VOLUNTEER = Fast(select(_V.c.id, _V.c.name, _V.c.state).where(_V.c.authenticator == bindparam("auth")))
-_TASK = Fast(
-    select(
-        _T.c.id,
-        _T.c.job_id,
-        _T.c.state,
-        _T.c.volunteer_id,
-        _T.c.host_id,
-        _T.c.lease_expires_at,
-        _T.c.deadline,
-        _T.c.abort_sent_at,
-    ).where(_T.c.id == bindparam("id"))
-)
+_TASK = Fast(select(*LEASE_COLUMNS, _T.c.abort_sent_at).where(_T.c.id == bindparam("id")))
 _LEASED_HERE = Fast(
     select(_T.c.id, _T.c.job_id, _T.c.deadline).where(
         _T.c.host_id == bindparam("host"), _T.c.state == TaskState.LEASED.value

@@ -25,23 +25,28 @@ from airlock.scheduler.replication import settle_job
 log = logging.getLogger("airlock.scheduler")
 
 _T = schema.tasks
-_TASK = Fast(
-    select(
-        _T.c.id,
-        _T.c.job_id,
-        _T.c.state,
-        _T.c.volunteer_id,
-        _T.c.host_id,
-        _T.c.lease_expires_at,
-        _T.c.deadline,
-    ).where(_T.c.id == bindparam("id"))
+# what deciding on a task's lease reads of it (`own_task`, `lease_is_live`)
+LEASE_COLUMNS = (
+    _T.c.id,
+    _T.c.job_id,
+    _T.c.state,
+    _T.c.volunteer_id,
+    _T.c.host_id,
+    _T.c.lease_expires_at,
+    _T.c.deadline,
 )
+_TASK = Fast(select(*LEASE_COLUMNS).where(_T.c.id == bindparam("id")))
 
 
 def own_task(conn: Connection, volunteer_id: int, host_id: int, task_id: int) -> Any:
     """The task row if this volunteer's host holds it; Forbidden for anyone else's task."""
-    task = _TASK.one_or_none(conn, {"id": task_id})
-    if task is None:
+    return _held_by(_TASK.one_or_none(conn, {"id": task_id}), volunteer_id, host_id, task_id)
+
+
+def _held_by(task: Any, volunteer_id: int, host_id: int, task_id: int) -> Any:
+    """`task` (a row with LEASE_COLUMNS, or None if there is no such task) if this volunteer's host
+    holds it; NotFound or Forbidden otherwise."""
+    if task is None or task.id is None:
         raise NotFound(f"no task {task_id}")
     if task.volunteer_id != volunteer_id:
         raise Forbidden(f"task {task_id} is not assigned to you")
@@ -57,17 +62,7 @@ def _volunteer_and_task(*extra: Any) -> Fast:
     """The volunteer's state and the task (with `extra` columns of its job): one statement for what
     `require_active` and `own_task` read in two."""
     return Fast(
-        select(
-            _V.c.state.label("volunteer_state"),
-            _T.c.id,
-            _T.c.job_id,
-            _T.c.state,
-            _T.c.volunteer_id,
-            _T.c.host_id,
-            _T.c.lease_expires_at,
-            _T.c.deadline,
-            *extra,
-        )
+        select(_V.c.state.label("volunteer_state"), *LEASE_COLUMNS, *extra)
         .select_from(_V.outerjoin(_T, _T.c.id == bindparam("task")).outerjoin(_J, _J.c.id == _T.c.job_id))
         .where(_V.c.id == bindparam("volunteer"))
     )
@@ -86,13 +81,7 @@ def active_volunteers_task(
         raise Unauthorized("unknown volunteer")
     if row.volunteer_state != VolunteerState.ACTIVE.value:
         raise Forbidden("this volunteer account is blocked")
-    if row.id is None:
-        raise NotFound(f"no task {task_id}")
-    if row.volunteer_id != volunteer_id:
-        raise Forbidden(f"task {task_id} is not assigned to you")
-    if row.host_id != host_id:
-        raise Forbidden(f"task {task_id} is assigned to another of your hosts")
-    return row
+    return _held_by(row, volunteer_id, host_id, task_id)  # (no task: its columns are all NULL)
 
 
 _RENEW_LEASE = Fast(
