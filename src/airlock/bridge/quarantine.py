@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from airlock.core.checksums import Digest, parse_digest_header
 from airlock.core.errors import BadInput, Conflict, Forbidden, Gone, NotFound, TooLarge, Unauthorized
 from airlock.core.schemas import UploadAccepted, check_file_name
-from airlock.core.states import FileState, VolunteerState
-from airlock.credentials.accounts import require_active
+from airlock.core.states import FileState
+from airlock.credentials.accounts import check_active, require_active
 from airlock.credentials.tokens import Claims, allows_create, quarantine_path
 from airlock.db import schema
 from airlock.db.engine import hot_begin, hot_read, run_read, run_write, utcnow, writer_gate
@@ -123,10 +123,7 @@ def authorise_upload(
     if row is None:
         require_active(conn, volunteer_id)  # an unknown or blocked volunteer hears that first
         raise NotFound(f"no task {task_id}")
-    if row.volunteer_state is None:
-        raise Unauthorized("unknown volunteer")
-    if row.volunteer_state != VolunteerState.ACTIVE.value:
-        raise Forbidden("this volunteer account is blocked")
+    check_active(row.volunteer_state)
     if row.volunteer_id != volunteer_id:
         raise Forbidden(f"task {task_id} is not assigned to you")
     if not lease_is_live(row, utcnow()):

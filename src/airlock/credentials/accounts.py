@@ -81,7 +81,12 @@ _VOLUNTEER_STATE = Fast(select(schema.volunteers.c.state).where(schema.volunteer
 def require_active(conn: Connection, volunteer_id: int) -> None:
     """Every volunteer request checks this inside its own transaction: a block takes effect at once,
     whatever tokens the volunteer still holds."""
-    state = _VOLUNTEER_STATE.scalar(conn, {"id": volunteer_id})
+    check_active(_VOLUNTEER_STATE.scalar(conn, {"id": volunteer_id}))
+
+
+def check_active(state: str | None) -> None:
+    """`require_active` on a volunteer's state read by the caller (None: no such volunteer), for a
+    request that reads it together with what it checks next."""
     if state is None:
         raise Unauthorized("unknown volunteer")
     if state != VolunteerState.ACTIVE.value:

@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, or_, select, update
 
 from airlock.config import Settings
-from airlock.core.errors import Forbidden, Gone, NotFound, Unauthorized
+from airlock.core.errors import Forbidden, Gone, NotFound
 from airlock.core.schemas import HeartbeatReply
-from airlock.core.states import TaskState, VolunteerState
+from airlock.core.states import TaskState
+from airlock.credentials.accounts import check_active
 from airlock.credentials.tokens import Grant, TokenIssuer
 from airlock.db import schema
 from airlock.db.engine import read, utcnow
@@ -77,10 +78,7 @@ def active_volunteers_task(
     """`require_active` then `own_task`, in one statement, with the same refusals in the same order;
     `with_spec`: the row carries its job's spec too."""
     row = _VOLUNTEER_AND_TASK[with_spec].one_or_none(conn, {"volunteer": volunteer_id, "task": task_id})
-    if row is None:
-        raise Unauthorized("unknown volunteer")
-    if row.volunteer_state != VolunteerState.ACTIVE.value:
-        raise Forbidden("this volunteer account is blocked")
+    check_active(row.volunteer_state if row is not None else None)
     return _held_by(row, volunteer_id, host_id, task_id)  # (no task: its columns are all NULL)
 
 
